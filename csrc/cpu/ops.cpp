@@ -1,0 +1,516 @@
+// CPU backend ops: torch glue around the tile kernel (tile.h).
+//
+// Every op is one sparse GEMM whose output column blocks each sum over a list
+// of live weight blocks ("terms"); only live blocks are ever read, and no
+// dense weight is built.  Registered as torch.ops.freetickets_cpu.*.
+#include <Python.h>
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "tile.h"
+
+namespace ftk_cpu {
+namespace {
+
+// ------------------------------------------------------------------ ISA choice
+
+std::atomic<const IsaKernel*> g_isa{nullptr};
+
+const IsaKernel* isa_by_name(const std::string& name) {
+  if (name == "avx512") return &isa_avx512();
+  if (name == "avx2") return &isa_avx2();
+  if (name == "portable") return &isa_portable();
+  return nullptr;
+}
+
+const IsaKernel& best_isa() {
+  for (const IsaKernel* isa : {&isa_avx512(), &isa_avx2()})
+    if (isa_supported(*isa)) return *isa;
+  return isa_portable();
+}
+
+const IsaKernel& set_isa_checked(const std::string& name) {
+  const IsaKernel* isa = name == "auto" ? &best_isa() : isa_by_name(name);
+  TORCH_CHECK(isa != nullptr, "freetickets_cpu: unknown instruction set '", name,
+              "'; choose auto, avx512, avx2 or portable");
+  TORCH_CHECK(isa_supported(*isa), "freetickets_cpu: this CPU (or this build) has no '", name,
+              "' kernel; best available is '", best_isa().name, "'");
+  g_isa.store(isa);
+  return *isa;
+}
+
+const IsaKernel& isa() {
+  const IsaKernel* current = g_isa.load();
+  if (current) return *current;
+  const char* env = std::getenv("FREETICKETS_CPU_ISA");
+  return set_isa_checked(env && *env ? env : "auto");
+}
+
+// ------------------------------------------------------------------ checks
+
+void check_float(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "freetickets_cpu: ", name, " must be a CPU tensor, got ",
+              t.device());
+  TORCH_CHECK(t.scalar_type() == at::kFloat, "freetickets_cpu: ", name,
+              " must be float32, got ", t.scalar_type());
+}
+
+// Compressed indices (ptr over `outer`, idx < n_inner, slots a valid range).
+// Cheap (O(outer + nnzb)) and it turns a corrupted layout into an error, not a crash.
+void check_indices(const at::Tensor& ptr, const at::Tensor& idx, const at::Tensor& slot,
+                   int64_t n_inner, int64_t nnzb, const char* what) {
+  for (const at::Tensor* t : {&ptr, &idx, &slot}) {
+    TORCH_CHECK(t->scalar_type() == at::kInt && t->dim() == 1 && t->is_contiguous() &&
+                    t->device().is_cpu(),
+                "freetickets_cpu: ", what, " indices must be contiguous 1-D int32 CPU tensors");
+  }
+  TORCH_CHECK(idx.numel() == nnzb && slot.numel() == nnzb, "freetickets_cpu: ", what,
+              " indices hold ", idx.numel(), " entries but values hold ", nnzb, " blocks");
+  const int32_t* p = ptr.data_ptr<int32_t>();
+  const int64_t outer = ptr.numel() - 1;
+  TORCH_CHECK(outer >= 0 && p[0] == 0 && p[outer] == nnzb, "freetickets_cpu: ", what,
+              " pointer does not span the ", nnzb, " blocks");
+  for (int64_t i = 0; i < outer; ++i)
+    TORCH_CHECK(p[i] <= p[i + 1], "freetickets_cpu: ", what, " pointer is not monotone");
+  const int32_t* ix = idx.data_ptr<int32_t>();
+  const int32_t* sl = slot.data_ptr<int32_t>();
+  for (int64_t e = 0; e < nnzb; ++e) {
+    TORCH_CHECK(ix[e] >= 0 && ix[e] < n_inner, "freetickets_cpu: ", what,
+                " block index out of range");
+    TORCH_CHECK(sl[e] >= 0 && sl[e] < nnzb, "freetickets_cpu: ", what, " slot out of range");
+  }
+}
+
+int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// ------------------------------------------------------------------ drivers
+
+// C[M, ldc] gets n_blocks column blocks of `width`; block j sums terms
+// [term_ptr[j], term_ptr[j+1]).  fill_rows(m0, tn, a_rows) sets the A row
+// pointers ([nseg][kMaxTileRows]) of tile rows m0..m0+tn (unused rows -> zeros).
+struct SparseGemm {
+  int64_t rows;
+  int64_t n_blocks;
+  int width;
+  int64_t out_cols;  // valid columns of C
+  float* c;
+  int64_t ldc;
+  std::vector<int64_t> term_ptr;
+  std::vector<Term> terms;
+  int64_t ldb;
+  const float* bias;  // padded to n_blocks * width, or nullptr
+  int nseg;
+};
+
+template <class FillRows>
+void run(const SparseGemm& g, FillRows fill_rows) {
+  const IsaKernel& k = isa();
+  const int tr = std::min(k.tile_rows(g.width), kMaxTileRows);
+  const int64_t chunk = int64_t(tr) * 4;
+  const int64_t n_chunks = cdiv(g.rows, chunk);
+  at::parallel_for(0, n_chunks * g.n_blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<const float*> a_rows(size_t(g.nseg) * kMaxTileRows);
+    float* c_rows[kMaxTileRows];
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t blk = item % g.n_blocks;
+      const int64_t m_end = std::min(g.rows, (item / g.n_blocks + 1) * chunk);
+      for (int64_t m0 = (item / g.n_blocks) * chunk; m0 < m_end; m0 += tr) {
+        const int tn = int(std::min<int64_t>(tr, m_end - m0));
+        fill_rows(m0, tn, a_rows.data());
+        for (int t = 0; t < tn; ++t) c_rows[t] = g.c + (m0 + t) * g.ldc + blk * g.width;
+        TileArgs args;
+        args.tn = tn;
+        args.width = g.width;
+        args.w_valid = int(std::min<int64_t>(g.width, g.out_cols - blk * g.width));
+        args.b_full_width = true;  // terms point at packed, zero-padded blocks
+        args.accumulate = false;
+        args.a_rows = a_rows.data();
+        args.terms = g.terms.data() + g.term_ptr[blk];
+        args.nterms = g.term_ptr[blk + 1] - g.term_ptr[blk];
+        args.ldb = g.ldb;
+        args.bias = g.bias ? g.bias + blk * g.width : nullptr;
+        args.c_rows = c_rows;
+        k.tile(args);
+      }
+    }
+  });
+}
+
+// Bias padded to whole blocks so the kernel can load full vectors.
+at::Tensor padded_bias(const std::optional<at::Tensor>& bias, int64_t n, const at::Tensor& like) {
+  if (!bias.has_value()) return at::Tensor();
+  check_float(*bias, "bias");
+  at::Tensor out = at::zeros({n}, like.options());
+  out.narrow(0, 0, bias->numel()).copy_(*bias);
+  return out;
+}
+
+// One live block for grad-values: output row block r, column offset col0 in B.
+struct Entry {
+  int64_t r, col0, slot;
+};
+
+// dv_partial[split, slot] = dyt[r-block rows, k-range] . B[k-range, col0:col0+Bi]
+// for every entry.  dyt is [out_rows, K]; B is [K, ldb] with in_cols valid
+// columns.  K is split `splits` ways so few blocks still use every thread.
+void grad_values_blocks(const at::Tensor& dyt, const float* b, int64_t ldb, int64_t in_cols,
+                        const std::vector<Entry>& entries, at::Tensor& dv_partial) {
+  if (entries.empty()) return;
+  const IsaKernel& k = isa();
+  const int64_t splits = dv_partial.size(0), bo = dv_partial.size(2), bi = dv_partial.size(3);
+  const int64_t out_rows = dyt.size(0), K = dyt.size(1);
+  const int tr = std::min(k.tile_rows(int(bi)), kMaxTileRows);
+  constexpr int64_t kChunk = 256;  // B panel of kChunk x Bi floats stays in L1/L2
+  const float* a = dyt.data_ptr<float>();
+  float* dv = dv_partial.data_ptr<float>();
+  const int64_t nnzb = dv_partial.size(1);
+  at::Tensor zeros = at::zeros({kChunk}, dyt.options());
+  const float* zero = zeros.data_ptr<float>();
+  at::parallel_for(0, int64_t(entries.size()) * splits, 1, [&](int64_t begin, int64_t end) {
+    const float* a_rows[kMaxTileRows];
+    float* c_rows[kMaxTileRows];
+    for (int64_t item = begin; item < end; ++item) {
+      const Entry& en = entries[item / splits];
+      const int64_t split = item % splits;
+      const int64_t k_begin = K * split / splits, k_end = K * (split + 1) / splits;
+      float* block = dv + (split * nnzb + en.slot) * bo * bi;
+      const int64_t w_valid = std::min(bi, in_cols - en.col0);
+      for (int64_t k0 = k_begin; k0 < k_end; k0 += kChunk) {
+        const int64_t kc = std::min(kChunk, k_end - k0);
+        Term term{0, int32_t(kc), 0, b + k0 * ldb + en.col0};
+        for (int64_t o0 = 0; o0 < bo; o0 += tr) {
+          const int64_t row0 = en.r * bo + o0;
+          const int tn = int(std::min<int64_t>({tr, bo - o0, out_rows - row0}));
+          if (tn <= 0) break;
+          for (int t = 0; t < kMaxTileRows; ++t) {
+            a_rows[t] = t < tn ? a + (row0 + t) * K + k0 : zero;
+            if (t < tn) c_rows[t] = block + (o0 + t) * bi;
+          }
+          TileArgs args;
+          args.tn = tn;
+          args.width = int(bi);
+          args.w_valid = int(w_valid);
+          args.b_full_width = en.col0 + bi <= ldb;
+          args.accumulate = k0 > k_begin;
+          args.a_rows = a_rows;
+          args.terms = &term;
+          args.nterms = 1;
+          args.ldb = ldb;
+          args.bias = nullptr;
+          args.c_rows = c_rows;
+          k.tile(args);
+        }
+      }
+    }
+  });
+}
+
+at::Tensor new_grad_values(const at::Tensor& like, int64_t nnzb, int64_t bo, int64_t bi,
+                           int64_t K, size_t n_entries) {
+  // Split the reduction when there are too few blocks to keep every thread busy.
+  const int64_t threads = at::get_num_threads();
+  int64_t splits = 1;
+  if (int64_t(n_entries) < 4 * threads) splits = std::max<int64_t>(1, std::min(threads * 4, K / 512));
+  return at::zeros({splits, nnzb, bo, bi}, like.options());
+}
+
+at::Tensor reduce_splits(const at::Tensor& partial) {
+  return partial.size(0) == 1 ? partial.select(0, 0) : partial.sum(0);
+}
+
+// ------------------------------------------------------------------ linear
+
+at::Tensor linear_forward(const at::Tensor& x_, const at::Tensor& values_, const at::Tensor& row_ptr,
+                          const at::Tensor& col_idx, const at::Tensor& slot,
+                          const std::optional<at::Tensor>& bias, int64_t out_features) {
+  check_float(x_, "x");
+  check_float(values_, "values");
+  const at::Tensor x = x_.contiguous();
+  const int64_t n = x.size(0), in = x.size(1), nnzb = values_.size(0);
+  const int64_t bo = values_.size(1), bi = values_.size(2), R = row_ptr.numel() - 1;
+  check_indices(row_ptr, col_idx, slot, cdiv(in, bi), nnzb, "BSR");
+  TORCH_CHECK(R == cdiv(out_features, bo), "freetickets_cpu: row_ptr does not match out_features");
+  const at::Tensor vt = values_.transpose(1, 2).contiguous();  // [nnzb, Bi, Bo]: Bo is the vector axis
+  at::Tensor y = at::empty({n, out_features}, x.options());
+  const at::Tensor bp = padded_bias(bias, R * bo, x);
+  SparseGemm g{n, R, int(bo), out_features, y.data_ptr<float>(), out_features, {}, {}, bo,
+               bp.defined() ? bp.data_ptr<float>() : nullptr, 1};
+  const int32_t *rp = row_ptr.data_ptr<int32_t>(), *ci = col_idx.data_ptr<int32_t>(),
+                *sl = slot.data_ptr<int32_t>();
+  g.term_ptr.assign(rp, rp + R + 1);
+  for (int64_t e = 0; e < nnzb; ++e)
+    g.terms.push_back({0, int32_t(std::min(bi, in - ci[e] * bi)), ci[e] * bi,
+                       vt.data_ptr<float>() + sl[e] * bi * bo});
+  const at::Tensor zeros = at::zeros({std::max<int64_t>(in, 1)}, x.options());
+  const float *xp = x.data_ptr<float>(), *zero = zeros.data_ptr<float>();
+  run(g, [&](int64_t m0, int tn, const float** a_rows) {
+    for (int t = 0; t < kMaxTileRows; ++t) a_rows[t] = t < tn ? xp + (m0 + t) * in : zero;
+  });
+  return y;
+}
+
+at::Tensor linear_grad_input(const at::Tensor& dy_, const at::Tensor& values_, const at::Tensor& col_ptr,
+                             const at::Tensor& row_idx, const at::Tensor& tslot, int64_t in_features) {
+  check_float(dy_, "grad_out");
+  check_float(values_, "values");
+  const at::Tensor dy = dy_.contiguous(), values = values_.contiguous();
+  const int64_t n = dy.size(0), out = dy.size(1), nnzb = values.size(0);
+  const int64_t bo = values.size(1), bi = values.size(2), C = col_ptr.numel() - 1;
+  check_indices(col_ptr, row_idx, tslot, cdiv(out, bo), nnzb, "transposed");
+  TORCH_CHECK(C == cdiv(in_features, bi), "freetickets_cpu: col_ptr does not match in_features");
+  at::Tensor dx = at::empty({n, in_features}, dy.options());
+  SparseGemm g{n, C, int(bi), in_features, dx.data_ptr<float>(), in_features, {}, {}, bi, nullptr, 1};
+  const int32_t *cp = col_ptr.data_ptr<int32_t>(), *ri = row_idx.data_ptr<int32_t>(),
+                *ts = tslot.data_ptr<int32_t>();
+  g.term_ptr.assign(cp, cp + C + 1);
+  for (int64_t e = 0; e < nnzb; ++e)
+    g.terms.push_back({0, int32_t(std::min(bo, out - ri[e] * bo)), ri[e] * bo,
+                       values.data_ptr<float>() + ts[e] * bo * bi});
+  const at::Tensor zeros = at::zeros({std::max<int64_t>(out, 1)}, dy.options());
+  const float *dp = dy.data_ptr<float>(), *zero = zeros.data_ptr<float>();
+  run(g, [&](int64_t m0, int tn, const float** a_rows) {
+    for (int t = 0; t < kMaxTileRows; ++t) a_rows[t] = t < tn ? dp + (m0 + t) * out : zero;
+  });
+  return dx;
+}
+
+at::Tensor linear_grad_values(const at::Tensor& dy, const at::Tensor& x_, const at::Tensor& row_ptr,
+                              const at::Tensor& col_idx, const at::Tensor& slot,
+                              at::IntArrayRef block_size) {
+  check_float(dy, "grad_out");
+  check_float(x_, "x");
+  const at::Tensor x = x_.contiguous();
+  const at::Tensor dyt = dy.t().contiguous();  // [out, N]: rows of A are contiguous along N
+  const int64_t in = x.size(1), nnzb = col_idx.numel(), bo = block_size[0], bi = block_size[1];
+  check_indices(row_ptr, col_idx, slot, cdiv(in, bi), nnzb, "BSR");
+  const int32_t *rp = row_ptr.data_ptr<int32_t>(), *ci = col_idx.data_ptr<int32_t>(),
+                *sl = slot.data_ptr<int32_t>();
+  std::vector<Entry> entries;
+  for (int64_t r = 0; r + 1 < row_ptr.numel(); ++r)
+    for (int32_t e = rp[r]; e < rp[r + 1]; ++e) entries.push_back({r, ci[e] * bi, sl[e]});
+  at::Tensor partial = new_grad_values(x, nnzb, bo, bi, x.size(0), entries.size());
+  grad_values_blocks(dyt, x.data_ptr<float>(), in, in, entries, partial);
+  return reduce_splits(partial);
+}
+
+// ------------------------------------------------------------------ conv2d
+
+struct ConvGeom {
+  int64_t n, cin, h, w, cout, oh, ow, kh, kw, sh, sw, ph, pw, dh, dw;
+  int64_t taps() const { return kh * kw; }
+};
+
+ConvGeom conv_geom(at::IntArrayRef input_size, int64_t cout, at::IntArrayRef kernel,
+                   at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
+  TORCH_CHECK(input_size.size() == 4 && kernel.size() == 2 && stride.size() == 2 &&
+                  padding.size() == 2 && dilation.size() == 2,
+              "freetickets_cpu: conv2d needs a 4-D input and pairs for kernel/stride/padding/dilation");
+  ConvGeom g{input_size[0], input_size[1], input_size[2], input_size[3], cout, 0, 0,
+             kernel[0], kernel[1], stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1]};
+  g.oh = (g.h + 2 * g.ph - g.dh * (g.kh - 1) - 1) / g.sh + 1;
+  g.ow = (g.w + 2 * g.pw - g.dw * (g.kw - 1) - 1) / g.sw + 1;
+  TORCH_CHECK(g.oh > 0 && g.ow > 0, "freetickets_cpu: conv2d output would be empty");
+  return g;
+}
+
+at::Tensor conv2d_forward(const at::Tensor& x_, const at::Tensor& values_, const at::Tensor& row_ptr,
+                          const at::Tensor& col_idx, const at::Tensor& slot,
+                          const std::optional<at::Tensor>& bias, int64_t out_channels,
+                          at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding,
+                          at::IntArrayRef dilation) {
+  check_float(x_, "x");
+  check_float(values_, "values");
+  const ConvGeom g = conv_geom(x_.sizes(), out_channels, kernel, stride, padding, dilation);
+  const int64_t nnzb = values_.size(0), bo = values_.size(1), bi = values_.size(2);
+  const int64_t cbpt = cdiv(g.cin, bi), R = row_ptr.numel() - 1;
+  check_indices(row_ptr, col_idx, slot, g.taps() * cbpt, nnzb, "BSR");
+  TORCH_CHECK(R == cdiv(out_channels, bo), "freetickets_cpu: row_ptr does not match out_channels");
+  const at::Tensor xn = x_.permute({0, 2, 3, 1}).contiguous();  // NHWC: a tap's channels are contiguous
+  const at::Tensor vt = values_.transpose(1, 2).contiguous();
+  at::Tensor yn = at::empty({g.n, g.oh, g.ow, g.cout}, x_.options());
+  const at::Tensor bp = padded_bias(bias, R * bo, x_);
+  SparseGemm gemm{g.n * g.oh * g.ow, R, int(bo), g.cout, yn.data_ptr<float>(), g.cout, {}, {}, bo,
+                  bp.defined() ? bp.data_ptr<float>() : nullptr, int(g.taps())};
+  const int32_t *rp = row_ptr.data_ptr<int32_t>(), *ci = col_idx.data_ptr<int32_t>(),
+                *sl = slot.data_ptr<int32_t>();
+  gemm.term_ptr.assign(rp, rp + R + 1);
+  for (int64_t e = 0; e < nnzb; ++e) {
+    const int64_t tap = ci[e] / cbpt, cb = ci[e] % cbpt;
+    gemm.terms.push_back({int32_t(tap), int32_t(std::min(bi, g.cin - cb * bi)), cb * bi,
+                          vt.data_ptr<float>() + sl[e] * bi * bo});
+  }
+  const at::Tensor zeros = at::zeros({g.cin}, x_.options());
+  const float *xp = xn.data_ptr<float>(), *zero = zeros.data_ptr<float>();
+  run(gemm, [&](int64_t m0, int tn, const float** a_rows) {
+    for (int t = 0; t < kMaxTileRows; ++t) {
+      const int64_t m = m0 + t;
+      const int64_t n = m / (g.oh * g.ow), oh = (m / g.ow) % g.oh, ow = m % g.ow;
+      for (int64_t i = 0; i < g.kh; ++i) {
+        const int64_t ih = oh * g.sh - g.ph + i * g.dh;
+        for (int64_t j = 0; j < g.kw; ++j) {
+          const int64_t iw = ow * g.sw - g.pw + j * g.dw;
+          const bool inside = t < tn && ih >= 0 && ih < g.h && iw >= 0 && iw < g.w;
+          a_rows[(i * g.kw + j) * kMaxTileRows + t] =
+              inside ? xp + ((n * g.h + ih) * g.w + iw) * g.cin : zero;
+        }
+      }
+    }
+  });
+  return yn.permute({0, 3, 1, 2}).contiguous();
+}
+
+at::Tensor conv2d_grad_input(const at::Tensor& dy_, const at::Tensor& values_, const at::Tensor& col_ptr,
+                             const at::Tensor& row_idx, const at::Tensor& tslot,
+                             at::IntArrayRef input_size, at::IntArrayRef kernel, at::IntArrayRef stride,
+                             at::IntArrayRef padding, at::IntArrayRef dilation) {
+  check_float(dy_, "grad_out");
+  check_float(values_, "values");
+  const ConvGeom g = conv_geom(input_size, dy_.size(1), kernel, stride, padding, dilation);
+  TORCH_CHECK(dy_.size(2) == g.oh && dy_.size(3) == g.ow,
+              "freetickets_cpu: grad_out spatial size does not match the conv geometry");
+  const at::Tensor values = values_.contiguous();
+  const int64_t nnzb = values.size(0), bo = values.size(1), bi = values.size(2);
+  const int64_t cbpt = cdiv(g.cin, bi), C = col_ptr.numel() - 1;
+  TORCH_CHECK(C == g.taps() * cbpt, "freetickets_cpu: col_ptr does not match the input channels");
+  check_indices(col_ptr, row_idx, tslot, cdiv(g.cout, bo), nnzb, "transposed");
+  const at::Tensor dyn = dy_.permute({0, 2, 3, 1}).contiguous();
+  at::Tensor dxn = at::empty({g.n, g.h, g.w, g.cin}, dy_.options());
+  // Output block cb (Bi input channels) sums, over taps, the blocks of column tap*cbpt + cb.
+  SparseGemm gemm{g.n * g.h * g.w, cbpt, int(bi), g.cin, dxn.data_ptr<float>(), g.cin, {0}, {}, bi,
+                  nullptr, int(g.taps())};
+  const int32_t *cp = col_ptr.data_ptr<int32_t>(), *ri = row_idx.data_ptr<int32_t>(),
+                *ts = tslot.data_ptr<int32_t>();
+  for (int64_t cb = 0; cb < cbpt; ++cb) {
+    for (int64_t tap = 0; tap < g.taps(); ++tap) {
+      const int64_t col = tap * cbpt + cb;
+      for (int32_t e = cp[col]; e < cp[col + 1]; ++e)
+        gemm.terms.push_back({int32_t(tap), int32_t(std::min(bo, g.cout - ri[e] * bo)), ri[e] * bo,
+                              values.data_ptr<float>() + ts[e] * bo * bi});
+    }
+    gemm.term_ptr.push_back(int64_t(gemm.terms.size()));
+  }
+  const at::Tensor zeros = at::zeros({g.cout}, dy_.options());
+  const float *dp = dyn.data_ptr<float>(), *zero = zeros.data_ptr<float>();
+  run(gemm, [&](int64_t m0, int tn, const float** a_rows) {
+    for (int t = 0; t < kMaxTileRows; ++t) {
+      const int64_t m = m0 + t;
+      const int64_t n = m / (g.h * g.w), ih = (m / g.w) % g.h, iw = m % g.w;
+      for (int64_t i = 0; i < g.kh; ++i) {
+        const int64_t ohs = ih + g.ph - i * g.dh;  // oh * stride when this tap reaches ih
+        const bool row_ok = ohs >= 0 && ohs % g.sh == 0 && ohs / g.sh < g.oh;
+        for (int64_t j = 0; j < g.kw; ++j) {
+          const int64_t ows = iw + g.pw - j * g.dw;
+          const bool ok = t < tn && row_ok && ows >= 0 && ows % g.sw == 0 && ows / g.sw < g.ow;
+          a_rows[(i * g.kw + j) * kMaxTileRows + t] =
+              ok ? dp + ((n * g.oh + ohs / g.sh) * g.ow + ows / g.sw) * g.cout : zero;
+        }
+      }
+    }
+  });
+  return dxn.permute({0, 3, 1, 2}).contiguous();
+}
+
+at::Tensor conv2d_grad_values(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& row_ptr,
+                              const at::Tensor& col_idx, const at::Tensor& slot,
+                              at::IntArrayRef block_size, at::IntArrayRef kernel, at::IntArrayRef stride,
+                              at::IntArrayRef padding, at::IntArrayRef dilation) {
+  check_float(dy, "grad_out");
+  check_float(x, "x");
+  const ConvGeom g = conv_geom(x.sizes(), dy.size(1), kernel, stride, padding, dilation);
+  const int64_t nnzb = col_idx.numel(), bo = block_size[0], bi = block_size[1];
+  const int64_t cbpt = cdiv(g.cin, bi), M = g.n * g.oh * g.ow;
+  check_indices(row_ptr, col_idx, slot, g.taps() * cbpt, nnzb, "BSR");
+  // [Cout, M] with M ordered (n, oh, ow): A rows contiguous along the reduction.
+  const at::Tensor dyt = dy.permute({1, 0, 2, 3}).reshape({g.cout, M}).contiguous();
+  const at::Tensor xpn = at::constant_pad_nd(x, {g.pw, g.pw, g.ph, g.ph}).permute({0, 2, 3, 1});
+  const int32_t *rp = row_ptr.data_ptr<int32_t>(), *ci = col_idx.data_ptr<int32_t>(),
+                *sl = slot.data_ptr<int32_t>();
+  std::vector<std::vector<Entry>> by_tap(g.taps());
+  for (int64_t r = 0; r + 1 < row_ptr.numel(); ++r)
+    for (int32_t e = rp[r]; e < rp[r + 1]; ++e)
+      by_tap[ci[e] / cbpt].push_back({r, (ci[e] % cbpt) * bi, sl[e]});
+  size_t most = 0;
+  for (const auto& v : by_tap) most = std::max(most, v.size());
+  at::Tensor partial = new_grad_values(x, nnzb, bo, bi, M, most);
+  for (int64_t tap = 0; tap < g.taps(); ++tap) {
+    if (by_tap[tap].empty()) continue;
+    const int64_t i = tap / g.kw, j = tap % g.kw;
+    // The input pixels this tap reads for every output pixel, as an [M, Cin] matrix.
+    const at::Tensor shifted = xpn.slice(1, i * g.dh, i * g.dh + g.sh * (g.oh - 1) + 1, g.sh)
+                                   .slice(2, j * g.dw, j * g.dw + g.sw * (g.ow - 1) + 1, g.sw)
+                                   .contiguous();
+    grad_values_blocks(dyt, shifted.data_ptr<float>(), g.cin, g.cin, by_tap[tap], partial);
+  }
+  return reduce_splits(partial);
+}
+
+std::string build_info() {
+  std::string s = "isa=";
+  s += isa().name;
+  s += " supported=";
+  const char* sep = "";
+  std::vector<const IsaKernel*> listed;  // non-x86 builds alias every ISA to the portable one
+  for (const IsaKernel* k : {&isa_avx512(), &isa_avx2(), &isa_portable()}) {
+    if (!isa_supported(*k) || std::count(listed.begin(), listed.end(), k)) continue;
+    listed.push_back(k);
+    s += sep;
+    s += k->name;
+    sep = ",";
+  }
+#ifdef _OPENMP
+  s += " openmp=" + std::to_string(_OPENMP);
+#else
+  s += " openmp=no";
+#endif
+  s += " threads=" + std::to_string(at::get_num_threads());
+  return s;
+}
+
+std::string set_isa(const std::string& name) { return set_isa_checked(name).name; }
+
+}  // namespace
+}  // namespace ftk_cpu
+
+TORCH_LIBRARY(freetickets_cpu, m) {
+  m.def("linear_forward(Tensor x, Tensor values, Tensor row_ptr, Tensor col_idx, Tensor slot, "
+        "Tensor? bias, int out_features) -> Tensor");
+  m.def("linear_grad_input(Tensor grad_out, Tensor values, Tensor col_ptr, Tensor row_idx, "
+        "Tensor tslot, int in_features) -> Tensor");
+  m.def("linear_grad_values(Tensor grad_out, Tensor x, Tensor row_ptr, Tensor col_idx, "
+        "Tensor slot, int[] block_size) -> Tensor");
+  m.def("conv2d_forward(Tensor x, Tensor values, Tensor row_ptr, Tensor col_idx, Tensor slot, "
+        "Tensor? bias, int out_channels, int[] kernel_size, int[] stride, int[] padding, "
+        "int[] dilation) -> Tensor");
+  m.def("conv2d_grad_input(Tensor grad_out, Tensor values, Tensor col_ptr, Tensor row_idx, "
+        "Tensor tslot, int[] input_size, int[] kernel_size, int[] stride, int[] padding, "
+        "int[] dilation) -> Tensor");
+  m.def("conv2d_grad_values(Tensor grad_out, Tensor x, Tensor row_ptr, Tensor col_idx, "
+        "Tensor slot, int[] block_size, int[] kernel_size, int[] stride, int[] padding, "
+        "int[] dilation) -> Tensor");
+  m.def("build_info() -> str", &ftk_cpu::build_info);
+  m.def("set_isa(str name) -> str", &ftk_cpu::set_isa);
+}
+
+TORCH_LIBRARY_IMPL(freetickets_cpu, CPU, m) {
+  m.impl("linear_forward", &ftk_cpu::linear_forward);
+  m.impl("linear_grad_input", &ftk_cpu::linear_grad_input);
+  m.impl("linear_grad_values", &ftk_cpu::linear_grad_values);
+  m.impl("conv2d_forward", &ftk_cpu::conv2d_forward);
+  m.impl("conv2d_grad_input", &ftk_cpu::conv2d_grad_input);
+  m.impl("conv2d_grad_values", &ftk_cpu::conv2d_grad_values);
+}
+
+// `import freetickets_kernels._cpu` loads this library, which runs the
+// registrations above; the module itself is empty.
+extern "C" PyObject* PyInit__cpu(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_cpu", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}

@@ -1,0 +1,48 @@
+// The one inner kernel of the CPU backend, shared by every op (torch-free).
+//
+// A tile computes `tn` rows of an output block of width `width`:
+//   C[t, 0:w_valid] = init + sum over terms i of  A_t,i[0:k_i] . B_i[0:k_i, 0:width]
+// where A_t,i = a_rows[seg_i][t] + a_off_i (a row pointer per tile row, so conv
+// taps and zero padding need no im2col) and B_i is row-major with leading
+// dimension ldb.  Accumulators stay in registers across all terms.
+#pragma once
+#include <cstdint>
+
+namespace ftk_cpu {
+
+constexpr int kMaxTileRows = 16;
+
+struct Term {
+  int32_t seg;     // which set of A row pointers: a conv tap, 0 for linear
+  int32_t k;       // reduction length of this term
+  int64_t a_off;   // element offset added to every A row pointer
+  const float* b;  // B: k rows of `ldb` floats; `width` columns are used
+};
+
+struct TileArgs {
+  int tn;                      // rows to store (<= tile_rows(width)); unused rows point at zeros
+  int width;                   // columns computed
+  int w_valid;                 // columns stored (< width on a ragged edge)
+  bool b_full_width;           // every B row has `width` readable floats
+  bool accumulate;             // start from C's content instead of zero / bias
+  const float* const* a_rows;  // [nseg][kMaxTileRows]
+  const Term* terms;
+  int64_t nterms;
+  int64_t ldb;
+  const float* bias;           // `width` floats added at init, or nullptr
+  float* const* c_rows;        // [tn] output row pointers
+};
+
+// One instruction set's kernel: its name, its preferred rows per tile, the tile.
+struct IsaKernel {
+  const char* name;
+  int (*tile_rows)(int width);
+  void (*tile)(const TileArgs& args);
+};
+
+const IsaKernel& isa_avx512();
+const IsaKernel& isa_avx2();
+const IsaKernel& isa_portable();
+bool isa_supported(const IsaKernel& isa);
+
+}  // namespace ftk_cpu

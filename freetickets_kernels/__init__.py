@@ -1,0 +1,26 @@
+"""freetickets-kernels: block-sparse kernels that make sparse networks fast,
+and FreeTickets ensembles trained on top of them."""
+
+from . import ops
+from .backends import (
+    BackendUnavailableError,
+    ReferenceBackendWarning,
+    available_backends,
+    use_backend,
+)
+from .layout import BlockSparseLayout
+from .ops import block_sparse_conv2d, block_sparse_linear, dense_grad_block_norms
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailableError",
+    "BlockSparseLayout",
+    "ReferenceBackendWarning",
+    "available_backends",
+    "block_sparse_conv2d",
+    "block_sparse_linear",
+    "dense_grad_block_norms",
+    "ops",
+    "use_backend",
+]
