@@ -246,7 +246,7 @@ class BlockSparseLayout:
         kernel_size = None if weight.dim() == 2 else tuple(weight.shape[2:])
         out_features, in_features = weight.shape[0], weight.shape[1]
         bs = block_size_pair(block_size)
-        grid = cls._grid_for(out_features, in_features, bs, kernel_size)
+        grid = cls.grid_for(tuple(weight.shape), bs)
         if block_mask is None:
             check_density(density)
             norms = block_norms(to_gemm_blocks(weight.detach(), bs))
@@ -261,9 +261,11 @@ class BlockSparseLayout:
         return layout.pack(weight), layout
 
     @staticmethod
-    def _grid_for(out_features, in_features, block_size, kernel_size) -> Tuple[int, int]:
-        taps = 1 if kernel_size is None else kernel_size[0] * kernel_size[1]
-        return (math.ceil(out_features / block_size[0]), taps * math.ceil(in_features / block_size[1]))
+    def grid_for(weight_shape: Sequence[int], block_size: IntPair) -> Tuple[int, int]:
+        """(R, C) block grid of a linear ``[out, in]`` or conv ``[Cout, Cin, kh, kw]`` weight."""
+        bo, bi = block_size_pair(block_size)
+        taps = math.prod(weight_shape[2:]) if len(weight_shape) == 4 else 1
+        return (math.ceil(weight_shape[0] / bo), taps * math.ceil(weight_shape[1] / bi))
 
     @classmethod
     def from_element_mask(

@@ -164,12 +164,15 @@ def use_backend(name: Optional[str]) -> Iterator[None]:
 
 
 def forced_backend() -> Tuple[Optional[str], str]:
-    """The forced backend name (or None) and what forced it."""
+    """The forced backend name (or None) and what forced it; unknown names raise."""
     name = _forced.get()
     if name is not None:
         return (name or None), "use_backend()"
     env = os.environ.get(ENV_VAR, "").strip()
-    return (env or None), f"the {ENV_VAR} environment variable"
+    source = f"the {ENV_VAR} environment variable"
+    if env:
+        _check_name(env, source)
+    return (env or None), source
 
 
 def available_backends() -> List[str]:
@@ -184,7 +187,7 @@ def select(device: torch.device, dtype: torch.dtype) -> Backend:
     """The backend that runs an op on tensors of ``device`` and ``dtype``."""
     name, source = forced_backend()
     if name is not None:
-        backend = _check_name(name, source)
+        backend = BACKENDS[name]
         ok, reason = backend.availability()
         if not ok:
             raise BackendUnavailableError(

@@ -1,0 +1,114 @@
+"""The ``freetickets`` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from typing import List, Optional
+
+import torch
+
+from . import __version__, backends
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict:
+    """What a benchmark or a bug report needs to know about this machine."""
+    info = {
+        "freetickets_kernels": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu": _cpu_model(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda_available": torch.cuda.is_available(),
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    rows = backends.describe()
+    info = machine_info()
+    if "cpu" in backends.available_backends():
+        from .backends import cpu
+
+        info["cpu_backend_build"] = cpu.build_info()
+    if args.json:
+        print(json.dumps({"machine": info, "backends": rows}, indent=2))
+        return 0
+    for key, value in info.items():
+        print(f"{key:>20}: {value}")
+    print()
+    print(f"{'backend':<10} {'available':<10} {'handles':<34} status")
+    for row in rows:
+        print(f"{row['backend']:<10} {row['available']:<10} {row['handles']:<34} {row['status']}")
+    forced, source = backends.forced_backend()
+    print()
+    if forced:
+        print(f"forced backend: {forced} (by {source})")
+    else:
+        cpu_pick = backends.select(torch.device("cpu"), torch.float32).name
+        print(f"float32 CPU tensors run on: {cpu_pick}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="freetickets",
+        description=(
+            "Block-sparse kernels that make sparse networks fast, and FreeTickets "
+            "ensembles trained on top of them."
+        ),
+        epilog="Run 'freetickets info' first: it shows which kernel backends this machine can use.",
+    )
+    parser.add_argument("--version", action="version", version=f"freetickets-kernels {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    info = sub.add_parser(
+        "info",
+        help="show the machine and which backends are available (and why the others are not)",
+        description=(
+            "List the kernel backends (reference, cpu, triton, cuda), whether each can run "
+            "here and, if not, why: not built, no GPU, triton missing.  Set "
+            "FREETICKETS_BACKEND=name to force one for every op."
+        ),
+    )
+    info.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    info.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "func"):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except (ValueError, backends.BackendUnavailableError) as exc:
+        print(f"freetickets: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""Shared helpers: random block-sparse weights, and running an op on a backend."""
+
+import pytest
+import torch
+
+import freetickets_kernels as ftk
+from freetickets_kernels.layout import BlockSparseLayout
+
+
+def random_layout(weight_shape, block_size, density, seed=0, device="cpu"):
+    """A layout over ``weight_shape`` with about ``density`` of its blocks alive, in shuffled slots."""
+    g = torch.Generator().manual_seed(seed)
+    kernel = tuple(weight_shape[2:]) if len(weight_shape) == 4 else None
+    grid = BlockSparseLayout.grid_for(weight_shape, block_size)
+    mask = torch.rand(grid, generator=g) < density
+    slot_map = torch.full(grid, -1, dtype=torch.int64)
+    slot_map[mask] = torch.randperm(int(mask.sum()), generator=g)  # slots need not follow BSR order
+    layout = BlockSparseLayout(slot_map, weight_shape[0], weight_shape[1], block_size, kernel)
+    return layout.to(device)
+
+
+def random_values(layout, dtype=torch.float64, seed=1, device="cpu"):
+    """Random block values with the ragged padding zero, as :meth:`pack` makes them."""
+    g = torch.Generator().manual_seed(seed)
+    dense = torch.randn(layout.weight_shape, generator=g, dtype=torch.float64)
+    return layout.pack(dense.to(device)).to(dtype)
+
+
+def run_op(backend, fn, inputs, grad_seed=7):
+    """Forward and backward of ``fn(*inputs)`` on ``backend``; returns (out, grads...)."""
+    leaves = [t.detach().clone().requires_grad_(t.dtype.is_floating_point) if t is not None else None
+              for t in inputs]
+    with ftk.use_backend(backend):
+        out = fn(*leaves)
+        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=torch.float64)
+        out.backward(g.to(out.dtype))
+    return [out.detach()] + [t.grad if t is not None else None for t in leaves]
+
+
+@pytest.fixture(autouse=True)
+def _restore_cpu_isa():
+    yield
+    if "cpu" in ftk.available_backends():
+        from freetickets_kernels.backends import cpu
+
+        cpu.set_isa("auto")
+
+
+LINEAR_CASES = [
+    # (out, in, block, density, batch): ragged both ways, batch 1, density 0 and 1
+    (10, 7, (4, 3), 0.5, 5),
+    (64, 96, (32, 32), 0.3, 33),
+    (33, 17, (8, 4), 0.6, 1),
+    (48, 40, (16, 16), 1.0, 6),
+    (40, 40, (16, 16), 0.0, 5),
+    (50, 70, (5, 24), 0.5, 7),
+    (9, 6, (1, 1), 0.4, 3),
+]
+
+CONV_CASES = [
+    # (cout, cin, kernel, block, density, batch, hw, stride, padding, dilation)
+    (12, 6, (3, 3), (4, 4), 0.5, 2, (7, 6), (1, 1), (1, 1), (1, 1)),
+    (20, 12, (3, 3), (8, 8), 0.4, 1, (9, 8), (2, 2), (1, 1), (1, 1)),
+    (17, 5, (3, 2), (4, 3), 0.6, 2, (8, 9), (2, 1), (0, 2), (2, 1)),
+    (16, 16, (1, 1), (8, 8), 1.0, 2, (5, 5), (1, 1), (0, 0), (1, 1)),
+    (8, 8, (3, 3), (4, 4), 0.0, 1, (5, 5), (1, 1), (1, 1), (1, 1)),
+    (10, 7, (3, 3), (4, 4), 0.5, 3, (9, 9), (1, 1), (2, 2), (2, 2)),
+]

@@ -1,0 +1,123 @@
+"""The C++ CPU backend against the reference backend, on every instruction set this CPU runs."""
+
+import pytest
+import torch
+
+import freetickets_kernels as ftk
+
+from conftest import CONV_CASES, LINEAR_CASES, random_layout, random_values, run_op
+
+pytestmark = pytest.mark.skipif(
+    "cpu" not in ftk.available_backends(), reason="C++ CPU extension not built"
+)
+
+
+def _isas():
+    if "cpu" not in ftk.available_backends():
+        return ["auto"]
+    from freetickets_kernels.backends import cpu
+
+    supported = cpu.build_info().split("supported=")[1].split()[0].split(",")
+    return supported
+
+
+FP32 = dict(rtol=1e-4, atol=1e-4)
+
+
+def _compare(fn, inputs):
+    ref = run_op("reference", fn, [t.double() if t is not None else None for t in inputs])
+    got = run_op("cpu", fn, inputs)
+    for g, r in zip(got, ref):
+        if r is None:
+            assert g is None
+            continue
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, r.float(), **FP32)
+
+
+@pytest.mark.parametrize("isa", _isas())
+@pytest.mark.parametrize("out,inn,block,density,batch", LINEAR_CASES)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_linear(isa, out, inn, block, density, batch, with_bias):
+    from freetickets_kernels.backends import cpu
+
+    cpu.set_isa(isa)
+    layout = random_layout((out, inn), block, density)
+    values = random_values(layout, dtype=torch.float32)
+    x = torch.randn(batch, inn)
+    bias = torch.randn(out) if with_bias else None
+    _compare(lambda x, v, b: ftk.block_sparse_linear(x, v, layout, b), [x, values, bias])
+
+
+@pytest.mark.parametrize("isa", _isas())
+@pytest.mark.parametrize("cout,cin,kernel,block,density,batch,hw,stride,padding,dilation", CONV_CASES)
+def test_conv2d(isa, cout, cin, kernel, block, density, batch, hw, stride, padding, dilation):
+    from freetickets_kernels.backends import cpu
+
+    cpu.set_isa(isa)
+    layout = random_layout((cout, cin, *kernel), block, density)
+    values = random_values(layout, dtype=torch.float32)
+    x = torch.randn(batch, cin, *hw)
+    bias = torch.randn(cout)
+    geo = (stride, padding, dilation)
+    _compare(lambda x, v, b: ftk.block_sparse_conv2d(x, v, layout, b, *geo), [x, values, bias])
+
+
+@pytest.mark.parametrize("block", [(16, 16), (32, 32), (64, 64), (32, 16), (48, 24)])
+def test_linear_vector_widths_and_long_reduction(block):
+    # wide blocks use the multi-vector panels; batch 600 crosses the 256-row reduction chunks
+    layout = random_layout((130, 150), block, 0.5, seed=9)
+    values = random_values(layout, dtype=torch.float32)
+    x = torch.randn(600, 150)
+    _compare(lambda x, v: ftk.block_sparse_linear(x, v, layout), [x, values])
+
+
+def test_conv2d_channels_last_and_noncontiguous_input():
+    layout = random_layout((32, 24, 3, 3), (16, 8), 0.5)
+    values = random_values(layout, dtype=torch.float32)
+    x = torch.randn(2, 24, 9, 9).to(memory_format=torch.channels_last)
+    _compare(lambda x, v: ftk.block_sparse_conv2d(x, v, layout, None, 1, 1), [x, values])
+    xt = torch.randn(2, 9, 24, 9).transpose(1, 2)
+    _compare(lambda x, v: ftk.block_sparse_conv2d(x, v, layout, None, 1, 1), [xt, values])
+
+
+def test_cpu_is_default_for_float32_cpu_tensors():
+    from freetickets_kernels import backends
+
+    assert backends.select(torch.device("cpu"), torch.float32).name == "cpu"
+    assert backends.select(torch.device("cpu"), torch.float64).name == "reference"
+
+
+def test_results_do_not_depend_on_thread_count():
+    layout = random_layout((96, 80, 3, 3), (16, 16), 0.4)
+    values = random_values(layout, dtype=torch.float32)
+    x = torch.randn(3, 80, 10, 10)
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            outs.append(run_op("cpu", lambda x, v: ftk.block_sparse_conv2d(x, v, layout, None, 1, 1), [x, values]))
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_corrupted_indices_raise_instead_of_crashing():
+    layout = random_layout((16, 16), (4, 4), 0.5)
+    values = random_values(layout, dtype=torch.float32)
+    ix = layout.indices
+    bad_col = ix.col_idx.clone()
+    bad_col[0] = 99
+    with pytest.raises(RuntimeError, match="out of range"):
+        torch.ops.freetickets_cpu.linear_forward(torch.randn(2, 16), values, ix.row_ptr, bad_col, ix.slot, None, 16)
+    with pytest.raises(RuntimeError, match="int32"):
+        torch.ops.freetickets_cpu.linear_forward(torch.randn(2, 16), values, ix.row_ptr.long(), ix.col_idx, ix.slot, None, 16)
+
+
+def test_unknown_isa_is_a_clear_error():
+    from freetickets_kernels.backends import cpu
+
+    with pytest.raises(RuntimeError, match="unknown instruction set"):
+        cpu.set_isa("sse9")
