@@ -121,3 +121,27 @@ def test_unknown_isa_is_a_clear_error():
 
     with pytest.raises(RuntimeError, match="unknown instruction set"):
         cpu.set_isa("sse9")
+
+
+@pytest.mark.parametrize("rows", [255, 256, 700])
+def test_forward_transposes_values_up_front_or_on_the_fly(rows):
+    # below 256 output rows the forward transposes blocks per thread, from 256 up front
+    layout = random_layout((72, 40), (32, 16), 0.6, seed=12)
+    values = random_values(layout, dtype=torch.float32)
+    _compare(lambda x, v: ftk.block_sparse_linear(x, v, layout), [torch.randn(rows, 40), values])
+    clayout = random_layout((40, 24, 3, 3), (16, 8), 0.5, seed=13)
+    cvalues = random_values(clayout, dtype=torch.float32)
+    side = int(rows ** 0.5) + 1  # N*OH*OW straddles the switch
+    x = torch.randn(1, 24, side, side)
+    _compare(lambda x, v: ftk.block_sparse_conv2d(x, v, clayout, None, 1, 1), [x, cvalues])
+
+
+@pytest.mark.parametrize("tokens", [16, 20, 64, 70])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_linear_weights_first_path_for_few_tokens(tokens, with_bias):
+    # few tokens and many live values: the forward computes Y^T = W X^T (values as stored)
+    layout = random_layout((200, 300), (16, 16), 0.9, seed=14)
+    values = random_values(layout, dtype=torch.float32)
+    assert tokens * (200 + 300) < layout.nnzb * 16 * 16
+    bias = torch.randn(200) if with_bias else None
+    _compare(lambda x, v, b: ftk.block_sparse_linear(x, v, layout, b), [torch.randn(tokens, 300), values, bias])

@@ -96,6 +96,9 @@ int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // C[M, ldc] gets n_blocks column blocks of `width`; block j sums terms
 // [term_ptr[j], term_ptr[j+1]).  fill_rows(m0, tn, a_rows) sets the A row
 // pointers ([nseg][kMaxTileRows]) of tile rows m0..m0+tn (unused rows -> zeros).
+// With row_group > 0 the terms belong to groups of row_group rows instead, and
+// column block j reads B's columns from j * width on (B is then one matrix
+// with ldb readable columns, not packed blocks).
 struct SparseGemm {
   int64_t rows;
   int64_t n_blocks;
@@ -108,21 +111,23 @@ struct SparseGemm {
   int64_t ldb;
   const float* bias;  // padded to n_blocks * width, or nullptr
   int nseg;
+  int64_t row_group = 0;
 };
 
 template <class FillRows>
 void run(const SparseGemm& g, FillRows fill_rows) {
   const IsaKernel& k = isa();
   const int tr = std::min(k.tile_rows(g.width), kMaxTileRows);
-  const int64_t chunk = int64_t(tr) * 4;
+  const int64_t chunk = g.row_group ? g.row_group : int64_t(tr) * 4;
   const int64_t n_chunks = cdiv(g.rows, chunk);
   at::parallel_for(0, n_chunks * g.n_blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<const float*> a_rows(size_t(g.nseg) * kMaxTileRows);
     float* c_rows[kMaxTileRows];
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t blk = item % g.n_blocks;
-      const int64_t m_end = std::min(g.rows, (item / g.n_blocks + 1) * chunk);
-      for (int64_t m0 = (item / g.n_blocks) * chunk; m0 < m_end; m0 += tr) {
+      const int64_t blk = item % g.n_blocks, chunk_i = item / g.n_blocks;
+      const int64_t group = g.row_group ? chunk_i : blk;
+      const int64_t m_end = std::min(g.rows, (chunk_i + 1) * chunk);
+      for (int64_t m0 = chunk_i * chunk; m0 < m_end; m0 += tr) {
         const int tn = int(std::min<int64_t>(tr, m_end - m0));
         fill_rows(m0, tn, a_rows.data());
         for (int t = 0; t < tn; ++t) c_rows[t] = g.c + (m0 + t) * g.ldc + blk * g.width;
@@ -130,12 +135,14 @@ void run(const SparseGemm& g, FillRows fill_rows) {
         args.tn = tn;
         args.width = g.width;
         args.w_valid = int(std::min<int64_t>(g.width, g.out_cols - blk * g.width));
-        args.b_full_width = true;  // terms point at packed, zero-padded blocks
+        // packed blocks are zero-padded to full width; a B matrix may end mid-panel
+        args.b_full_width = !g.row_group || (blk + 1) * g.width <= g.ldb;
         args.accumulate = false;
         args.a_rows = a_rows.data();
-        args.terms = g.terms.data() + g.term_ptr[blk];
-        args.nterms = g.term_ptr[blk + 1] - g.term_ptr[blk];
+        args.terms = g.terms.data() + g.term_ptr[group];
+        args.nterms = g.term_ptr[group + 1] - g.term_ptr[group];
         args.ldb = g.ldb;
+        args.b_off = g.row_group ? blk * g.width : 0;
         args.bias = g.bias ? g.bias + blk * g.width : nullptr;
         args.c_rows = c_rows;
         k.tile(args);
@@ -204,6 +211,7 @@ void grad_values_blocks(const at::Tensor& dyt, const float* b, int64_t ldb, int6
           args.terms = &term;
           args.nterms = 1;
           args.ldb = ldb;
+          args.b_off = 0;
           args.bias = nullptr;
           args.c_rows = c_rows;
           k.tile(args);
@@ -228,6 +236,39 @@ at::Tensor reduce_splits(const at::Tensor& partial) {
 
 // ------------------------------------------------------------------ linear
 
+// Y^T [out, N] = W X^T: C rows are output features (tiles stay inside one row
+// block, whose live blocks are the terms), A rows are the stored value rows
+// (a term's a_off selects its slot), B is X^T [in, N], panels of tokens wide.
+at::Tensor linear_forward_weights_first(const at::Tensor& x, const at::Tensor& values,
+                                        const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                                        const at::Tensor& slot, const std::optional<at::Tensor>& bias,
+                                        int64_t out_features) {
+  const int64_t n = x.size(0), in = x.size(1), nnzb = values.size(0);
+  const int64_t bo = values.size(1), bi = values.size(2), R = row_ptr.numel() - 1;
+  const at::Tensor xt = x.t().contiguous();
+  at::Tensor yt = at::empty({out_features, n}, x.options());
+  const int64_t panel = std::min<int64_t>(n, 64);
+  SparseGemm g{out_features, cdiv(n, panel), int(panel), n, yt.data_ptr<float>(), n, {}, {}, n,
+               nullptr, 1, bo};
+  const int32_t *rp = row_ptr.data_ptr<int32_t>(), *ci = col_idx.data_ptr<int32_t>(),
+                *sl = slot.data_ptr<int32_t>();
+  g.term_ptr.assign(rp, rp + R + 1);
+  const float* xtp = xt.data_ptr<float>();
+  for (int64_t e = 0; e < nnzb; ++e)
+    g.terms.push_back({0, int32_t(std::min(bi, in - ci[e] * bi)), sl[e] * bo * bi, xtp + ci[e] * bi * n});
+  const float* vp = values.data_ptr<float>();
+  run(g, [&](int64_t m0, int tn, const float** a_rows) {
+    const int64_t o = m0 % bo;  // row inside its block; unused rows read slot 0 harmlessly
+    for (int t = 0; t < kMaxTileRows; ++t) a_rows[t] = vp + (t < tn ? (o + t) * bi : 0);
+  });
+  at::Tensor y = yt.t().contiguous();
+  if (bias.has_value()) {
+    check_float(*bias, "bias");
+    y.add_(*bias);
+  }
+  return y;
+}
+
 at::Tensor linear_forward(const at::Tensor& x_, const at::Tensor& values_, const at::Tensor& row_ptr,
                           const at::Tensor& col_idx, const at::Tensor& slot,
                           const std::optional<at::Tensor>& bias, int64_t out_features) {
@@ -238,6 +279,12 @@ at::Tensor linear_forward(const at::Tensor& x_, const at::Tensor& values_, const
   const int64_t bo = values_.size(1), bi = values_.size(2), R = row_ptr.numel() - 1;
   check_indices(row_ptr, col_idx, slot, cdiv(in, bi), nnzb, "BSR");
   TORCH_CHECK(R == cdiv(out_features, bo), "freetickets_cpu: row_ptr does not match out_features");
+  // The kernel vectorizes along B's rows.  Y = X W^T wants W^T, a transposed
+  // copy of all values; Y^T = W X^T uses the values as stored and transposes
+  // X and Y instead, which is cheaper for few tokens.
+  if (n >= 16 && n * (in + out_features) < nnzb * bo * bi)
+    return linear_forward_weights_first(x, values_.contiguous(), row_ptr, col_idx, slot, bias,
+                                        out_features);
   const at::Tensor vt = values_.transpose(1, 2).contiguous();  // [nnzb, Bi, Bo]: Bo is the vector axis
   at::Tensor y = at::empty({n, out_features}, x.options());
   const at::Tensor bp = padded_bias(bias, R * bo, x);

@@ -29,6 +29,7 @@ struct TileArgs {
   const Term* terms;
   int64_t nterms;
   int64_t ldb;
+  int64_t b_off;               // column offset added to every term's B
   const float* bias;           // `width` floats added at init, or nullptr
   float* const* c_rows;        // [tn] output row pointers
 };
