@@ -84,15 +84,16 @@ def bench_linear(tokens, inn, out, block, density, passes, repeats, dense_cache)
     return rows
 
 
-def bench_conv(spec, block, density, passes, repeats, dense_cache):
+def bench_conv(spec, block, density, passes, repeats, dense_cache, memory_format):
     name, batch, cin, cout, k, hw, stride, padding = spec
     w = torch.randn(cout, cin, k, k)
     values, layout = BlockSparseLayout.from_dense(w, block, density=density)
     wd = layout.unpack(values)
-    x = torch.randn(batch, cin, hw, hw)
+    fmt = torch.channels_last if memory_format == "channels_last" else torch.contiguous_format
+    x = torch.randn(batch, cin, hw, hw).contiguous(memory_format=fmt)
     rows = []
     for p in passes:
-        key = ("conv", name, batch, p)
+        key = ("conv", name, batch, p, memory_format)
         if p == "fwd":
             ours = median_seconds(lambda: ftk.block_sparse_conv2d(x, values, layout, None, stride, padding), repeats)
             if key not in dense_cache:
@@ -105,7 +106,7 @@ def bench_conv(spec, block, density, passes, repeats, dense_cache):
                 dense_cache[key] = median_seconds(
                     _train_step(lambda: F.conv2d(xg, wg, None, stride, padding), xg, wg), repeats)
         dense = dense_cache[key]
-        rows.append(dict(op="conv2d", shape=f"{name} b{batch}", block=block, density=density,
+        rows.append(dict(op="conv2d", shape=f"{name} b{batch} {memory_format}", block=block, density=density,
                          layout_density=round(layout.density, 4), **{"pass": p},
                          ours_ms=ours * 1e3, dense_ms=dense * 1e3, speedup=dense / ours,
                          ideal=1 / density, bsr_speedup=None))
@@ -120,6 +121,8 @@ def main(argv=None) -> int:
     parser.add_argument("--densities", type=float, nargs="+", default=DENSITIES)
     parser.add_argument("--ops", nargs="+", choices=["linear", "conv2d"], default=["linear", "conv2d"])
     parser.add_argument("--passes", nargs="+", choices=["fwd", "fwd+bwd"], default=["fwd", "fwd+bwd"])
+    parser.add_argument("--formats", nargs="+", choices=["nchw", "channels_last"], default=["nchw", "channels_last"],
+                        help="conv input memory format; dense F.conv2d gets the same input")
     parser.add_argument("--quick", action="store_true", help="one small shape per op: checks the script runs")
     parser.add_argument("--out", default=os.path.join(ROOT, "results"), help="directory for JSON + Markdown")
     parser.add_argument("--name", default=None, help="result file name (default: cpu_kernels[_quick])")
@@ -139,15 +142,16 @@ def main(argv=None) -> int:
         for shape, block in itertools.product(QUICK_LINEAR if args.quick else LINEAR_SHAPES, (16, 32, 64)):
             jobs += [("linear", shape, block, d) for d in args.densities]
     if "conv2d" in args.ops:
-        for spec, block in itertools.product(QUICK_CONV if args.quick else CONV_SHAPES, (16, 32)):
-            jobs += [("conv2d", spec, block, d) for d in args.densities]
+        for spec, fmt, block in itertools.product(QUICK_CONV if args.quick else CONV_SHAPES, args.formats, (16, 32)):
+            jobs += [("conv2d", (spec, fmt), block, d) for d in args.densities]
     rows, dense_cache = [], {}
     with ftk.use_backend("cpu"):
         for op, shape, block, density in progress(jobs, "cpu kernels"):
             if op == "linear":
                 rows += bench_linear(*shape, block, density, args.passes, args.repeats, dense_cache)
             else:
-                rows += bench_conv(shape, block, density, args.passes, args.repeats, dense_cache)
+                spec, fmt = shape
+                rows += bench_conv(spec, block, density, args.passes, args.repeats, dense_cache, fmt)
     columns = ["op", "shape", "pass", "block", "density", "ours_ms", "dense_ms", "speedup", "ideal", "bsr_speedup"]
     from freetickets_kernels.backends import cpu
 

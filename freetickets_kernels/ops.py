@@ -21,6 +21,7 @@ from .validation import (
     check_linear_input,
     check_operands,
     conv_geometry,
+    conv_memory_format,
     conv_output_size,
 )
 
@@ -138,7 +139,7 @@ def bsr_conv2d(
 def _(x, values, row_ptr, col_idx, slot, col_ptr, row_idx, tslot, bias, out_channels,
       kernel_size, stride, padding, dilation):
     oh, ow = conv_output_size(tuple(x.shape[2:]), kernel_size, stride, padding, dilation)
-    return x.new_empty(x.shape[0], out_channels, oh, ow)
+    return x.new_empty(x.shape[0], out_channels, oh, ow).contiguous(memory_format=conv_memory_format(x))
 
 
 @torch.library.custom_op("freetickets::bsr_conv2d_grad_input", mutates_args=())
@@ -161,7 +162,7 @@ def bsr_conv2d_grad_input(
 
 @bsr_conv2d_grad_input.register_fake
 def _(grad_out, values, col_ptr, row_idx, tslot, input_size, kernel_size, stride, padding, dilation):
-    return grad_out.new_empty(input_size)
+    return grad_out.new_empty(input_size).contiguous(memory_format=conv_memory_format(grad_out))
 
 
 @torch.library.custom_op("freetickets::bsr_conv2d_grad_values", mutates_args=())

@@ -109,3 +109,12 @@ def check_conv_input(
             f"{op}: input of spatial size {tuple(x.shape[2:])} is too small for kernel "
             f"{layout.kernel_size} with padding {padding} and dilation {dilation}"
         )
+
+
+def conv_memory_format(t: torch.Tensor) -> torch.memory_format:
+    """Memory format of a conv op's output: channels_last when ``t`` is strictly
+    channels_last (as torch's own conv does), else contiguous.  Every backend
+    and the fake kernels follow this one rule (csrc/cpu mirrors it)."""
+    strictly_cl = t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+    return torch.channels_last if strictly_cl else torch.contiguous_format
+

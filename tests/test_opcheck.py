@@ -65,3 +65,17 @@ def test_torch_compile_traces_the_op():
     layout, x, v, b = _linear_args(torch.float32, False)
     fn = torch.compile(lambda x, v, b: ftk.block_sparse_linear(x, v, layout, b), backend="eager", fullgraph=True)
     torch.testing.assert_close(fn(x, v, b), ftk.block_sparse_linear(x, v, layout, b))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck_conv2d_channels_last(backend):
+    # channels_last in -> channels_last out, in the fake kernel and every backend alike
+    layout, x, v, b = _conv_args(torch.float32, True)
+    x = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    geo = ([3, 3], [1, 1], [1, 1], [1, 1])
+    with ftk.use_backend(backend):
+        torch.library.opcheck(ops.bsr_conv2d, (x, v, *layout.indices.as_tuple(), b, 6, *geo))
+        y = ftk.block_sparse_conv2d(x, v, layout, b, 1, 1)
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        y.sum().backward()
+        assert x.grad.shape == x.shape

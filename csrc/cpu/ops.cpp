@@ -91,11 +91,55 @@ void check_indices(const at::Tensor& ptr, const at::Tensor& idx, const at::Tenso
 
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Temporaries that never leave an op call (NHWC copies, transposes, partial
+// sums) live in per-thread buffers that only grow: a fresh multi-megabyte
+// allocation page-faults on every call, which cost up to 3x the kernel time
+// here.  Each call uses distinct slots; results returned to torch never do.
+enum Scratch { kScratchA, kScratchB, kScratchC, kNumScratch };
+
+at::Tensor scratch(Scratch which, at::IntArrayRef sizes, const at::TensorOptions& options) {
+  thread_local at::Tensor buffers[kNumScratch];
+  int64_t numel = 1;
+  for (int64_t d : sizes) numel *= d;
+  at::Tensor& buf = buffers[which];
+  if (!buf.defined() || buf.numel() < numel || buf.options().dtype() != options.dtype())
+    buf = at::empty({std::max<int64_t>(numel, 1)}, options);
+  return buf.narrow(0, 0, numel).view(sizes);
+}
+
+// `t` permuted by `dims`, contiguous: a view when it already is (no copy),
+// else a copy into scratch slot `which`.
+at::Tensor permuted(const at::Tensor& t, at::IntArrayRef dims, Scratch which) {
+  at::Tensor view = t.permute(dims);
+  if (view.is_contiguous()) return view;
+  return scratch(which, view.sizes(), t.options()).copy_(view);
+}
+
+bool strictly_channels_last(const at::Tensor& t) {
+  return t.is_contiguous(at::MemoryFormat::ChannelsLast) && !t.is_contiguous();
+}
+
+// Where a conv op writes its NHWC result: straight into the returned tensor
+// when that is channels_last, else into scratch (then copied out NCHW).
+at::Tensor conv_result_buffer(at::IntArrayRef nhwc_sizes, const at::Tensor& like) {
+  if (strictly_channels_last(like)) return at::empty(nhwc_sizes, like.options());
+  return scratch(kScratchB, nhwc_sizes, like.options());
+}
+
+// NHWC result -> NCHW-shaped tensor: channels_last (a free view) when the
+// op's main input is strictly channels_last, as torch's conv does; else a
+// contiguous copy.  Mirrors validation.conv_memory_format().
+at::Tensor to_conv_output(const at::Tensor& nhwc, const at::Tensor& like) {
+  const at::Tensor nchw = nhwc.permute({0, 3, 1, 2});
+  return strictly_channels_last(like) ? nchw : nchw.contiguous();
+}
+
 // ------------------------------------------------------------------ drivers
 
 // C[M, ldc] gets n_blocks column blocks of `width`; block j sums terms
-// [term_ptr[j], term_ptr[j+1]).  fill_rows(m0, tn, a_rows) sets the A row
-// pointers ([nseg][kMaxTileRows]) of tile rows m0..m0+tn (unused rows -> zeros).
+// [term_ptr[j], term_ptr[j+1]).  fill_rows(m0, tn, segs, nsegs, a_rows) sets
+// the A row pointers ([nseg][kMaxTileRows]) of tile rows m0..m0+tn (unused rows
+// -> zeros) for the listed segments only: those the block's terms read.
 // With row_group > 0 the terms belong to groups of row_group rows instead, and
 // column block j reads B's columns from j * width on (B is then one matrix
 // with ldb readable columns, not packed blocks).
@@ -120,6 +164,18 @@ void run(const SparseGemm& g, FillRows fill_rows) {
   const int tr = std::min(k.tile_rows(g.width), kMaxTileRows);
   const int64_t chunk = g.row_group ? g.row_group : int64_t(tr) * 4;
   const int64_t n_chunks = cdiv(g.rows, chunk);
+  // segments each group's terms read (conv: the taps it has live blocks at)
+  const int64_t n_groups = int64_t(g.term_ptr.size()) - 1;
+  std::vector<int64_t> seg_ptr{0};
+  std::vector<int32_t> segs;
+  std::vector<char> seen(size_t(g.nseg));
+  for (int64_t grp = 0; grp < n_groups; ++grp) {
+    std::fill(seen.begin(), seen.end(), 0);
+    for (int64_t i = g.term_ptr[grp]; i < g.term_ptr[grp + 1]; ++i) seen[g.terms[i].seg] = 1;
+    for (int32_t sg = 0; sg < g.nseg; ++sg)
+      if (seen[sg]) segs.push_back(sg);
+    seg_ptr.push_back(int64_t(segs.size()));
+  }
   at::parallel_for(0, n_chunks * g.n_blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<const float*> a_rows(size_t(g.nseg) * kMaxTileRows);
     float* c_rows[kMaxTileRows];
@@ -129,7 +185,8 @@ void run(const SparseGemm& g, FillRows fill_rows) {
       const int64_t m_end = std::min(g.rows, (chunk_i + 1) * chunk);
       for (int64_t m0 = chunk_i * chunk; m0 < m_end; m0 += tr) {
         const int tn = int(std::min<int64_t>(tr, m_end - m0));
-        fill_rows(m0, tn, a_rows.data());
+        fill_rows(m0, tn, segs.data() + seg_ptr[group], seg_ptr[group + 1] - seg_ptr[group],
+                  a_rows.data());
         for (int t = 0; t < tn; ++t) c_rows[t] = g.c + (m0 + t) * g.ldc + blk * g.width;
         TileArgs args;
         args.tn = tn;
@@ -165,57 +222,72 @@ struct Entry {
   int64_t r, col0, slot;
 };
 
-// dv_partial[split, slot] = dyt[r-block rows, k-range] . B[k-range, col0:col0+Bi]
-// for every entry.  dyt is [out_rows, K]; B is [K, ldb] with in_cols valid
-// columns.  K is split `splits` ways so few blocks still use every thread.
+// A piece of the grad-values reduction: k consecutive reduction indices whose
+// A values start at a_off in every dyt row and whose B rows start at b_off
+// and are ldb apart.  Linear: chunks of tokens.  Conv: the output pixels of
+// one output row that a tap reads inside the image (padding reads zeros and
+// is skipped), so no shifted copy of the input is ever made.
+struct Segment {
+  int64_t a_off, b_off;
+  int32_t k;
+};
+
+// dv_partial[split, slot] = sum over segments of dyt[r-block rows, seg] . B[seg, col0:col0+Bi]
+// for every entry.  dyt is [out_rows, K].  The segments are split `splits`
+// ways so that few blocks still use every thread.
 void grad_values_blocks(const at::Tensor& dyt, const float* b, int64_t ldb, int64_t in_cols,
-                        const std::vector<Entry>& entries, at::Tensor& dv_partial) {
-  if (entries.empty()) return;
+                        const std::vector<Segment>& segs, const std::vector<Entry>& entries,
+                        at::Tensor& dv_partial) {
+  if (entries.empty() || segs.empty()) return;
   const IsaKernel& k = isa();
   const int64_t splits = dv_partial.size(0), bo = dv_partial.size(2), bi = dv_partial.size(3);
   const int64_t out_rows = dyt.size(0), K = dyt.size(1);
   const int tr = std::min(k.tile_rows(int(bi)), kMaxTileRows);
-  constexpr int64_t kChunk = 256;  // B panel of kChunk x Bi floats stays in L1/L2
+  constexpr int64_t kChunk = 256;  // reduction length per pass: its B rows stay in L1/L2
   const float* a = dyt.data_ptr<float>();
   float* dv = dv_partial.data_ptr<float>();
-  const int64_t nnzb = dv_partial.size(1);
-  at::Tensor zeros = at::zeros({kChunk}, dyt.options());
-  const float* zero = zeros.data_ptr<float>();
+  const int64_t nnzb = dv_partial.size(1), nseg = int64_t(segs.size());
   at::parallel_for(0, int64_t(entries.size()) * splits, 1, [&](int64_t begin, int64_t end) {
     const float* a_rows[kMaxTileRows];
     float* c_rows[kMaxTileRows];
+    std::vector<Term> terms;
     for (int64_t item = begin; item < end; ++item) {
       const Entry& en = entries[item / splits];
       const int64_t split = item % splits;
-      const int64_t k_begin = K * split / splits, k_end = K * (split + 1) / splits;
+      const int64_t s_begin = nseg * split / splits, s_end = nseg * (split + 1) / splits;
       float* block = dv + (split * nnzb + en.slot) * bo * bi;
-      const int64_t w_valid = std::min(bi, in_cols - en.col0);
-      for (int64_t k0 = k_begin; k0 < k_end; k0 += kChunk) {
-        const int64_t kc = std::min(kChunk, k_end - k0);
-        Term term{0, int32_t(kc), 0, b + k0 * ldb + en.col0};
+      bool first = true;
+      for (int64_t s0 = s_begin; s0 < s_end;) {
+        terms.clear();
+        int64_t kc = 0;
+        for (; s0 < s_end && kc < kChunk; ++s0) {
+          terms.push_back({0, segs[s0].k, segs[s0].a_off, b + segs[s0].b_off + en.col0});
+          kc += segs[s0].k;
+        }
         for (int64_t o0 = 0; o0 < bo; o0 += tr) {
           const int64_t row0 = en.r * bo + o0;
           const int tn = int(std::min<int64_t>({tr, bo - o0, out_rows - row0}));
           if (tn <= 0) break;
           for (int t = 0; t < kMaxTileRows; ++t) {
-            a_rows[t] = t < tn ? a + (row0 + t) * K + k0 : zero;
+            a_rows[t] = a + (row0 + std::min(t, tn - 1)) * K;  // unused rows repeat a real one
             if (t < tn) c_rows[t] = block + (o0 + t) * bi;
           }
           TileArgs args;
           args.tn = tn;
           args.width = int(bi);
-          args.w_valid = int(w_valid);
-          args.b_full_width = en.col0 + bi <= ldb;
-          args.accumulate = k0 > k_begin;
+          args.w_valid = int(std::min(bi, in_cols - en.col0));
+          args.b_full_width = en.col0 + bi <= in_cols;
+          args.accumulate = !first;
           args.a_rows = a_rows;
-          args.terms = &term;
-          args.nterms = 1;
+          args.terms = terms.data();
+          args.nterms = int64_t(terms.size());
           args.ldb = ldb;
           args.b_off = 0;
           args.bias = nullptr;
           args.c_rows = c_rows;
           k.tile(args);
         }
+        first = false;
       }
     }
   });
@@ -227,11 +299,12 @@ at::Tensor new_grad_values(const at::Tensor& like, int64_t nnzb, int64_t bo, int
   const int64_t threads = at::get_num_threads();
   int64_t splits = 1;
   if (int64_t(n_entries) < 4 * threads) splits = std::max<int64_t>(1, std::min(threads * 4, K / 512));
-  return at::zeros({splits, nnzb, bo, bi}, like.options());
+  return scratch(kScratchC, {splits, nnzb, bo, bi}, like.options()).zero_();
 }
 
+// The result: a fresh tensor (the partial sums live in scratch).
 at::Tensor reduce_splits(const at::Tensor& partial) {
-  return partial.size(0) == 1 ? partial.select(0, 0) : partial.sum(0);
+  return partial.size(0) == 1 ? partial.select(0, 0).clone() : partial.sum(0);
 }
 
 // ------------------------------------------------------------------ linear
@@ -245,8 +318,8 @@ at::Tensor linear_forward_weights_first(const at::Tensor& x, const at::Tensor& v
                                         int64_t out_features) {
   const int64_t n = x.size(0), in = x.size(1), nnzb = values.size(0);
   const int64_t bo = values.size(1), bi = values.size(2), R = row_ptr.numel() - 1;
-  const at::Tensor xt = x.t().contiguous();
-  at::Tensor yt = at::empty({out_features, n}, x.options());
+  const at::Tensor xt = permuted(x, {1, 0}, kScratchA);
+  at::Tensor yt = scratch(kScratchB, {out_features, n}, x.options());
   const int64_t panel = std::min<int64_t>(n, 64);
   SparseGemm g{out_features, cdiv(n, panel), int(panel), n, yt.data_ptr<float>(), n, {}, {}, n,
                nullptr, 1, bo};
@@ -257,7 +330,7 @@ at::Tensor linear_forward_weights_first(const at::Tensor& x, const at::Tensor& v
   for (int64_t e = 0; e < nnzb; ++e)
     g.terms.push_back({0, int32_t(std::min(bi, in - ci[e] * bi)), sl[e] * bo * bi, xtp + ci[e] * bi * n});
   const float* vp = values.data_ptr<float>();
-  run(g, [&](int64_t m0, int tn, const float** a_rows) {
+  run(g, [&](int64_t m0, int tn, const int32_t*, int64_t, const float** a_rows) {
     const int64_t o = m0 % bo;  // row inside its block; unused rows read slot 0 harmlessly
     for (int t = 0; t < kMaxTileRows; ++t) a_rows[t] = vp + (t < tn ? (o + t) * bi : 0);
   });
@@ -285,7 +358,7 @@ at::Tensor linear_forward(const at::Tensor& x_, const at::Tensor& values_, const
   if (n >= 16 && n * (in + out_features) < nnzb * bo * bi)
     return linear_forward_weights_first(x, values_.contiguous(), row_ptr, col_idx, slot, bias,
                                         out_features);
-  const at::Tensor vt = values_.transpose(1, 2).contiguous();  // [nnzb, Bi, Bo]: Bo is the vector axis
+  const at::Tensor vt = permuted(values_, {0, 2, 1}, kScratchA);  // [nnzb, Bi, Bo]: Bo is the vector axis
   at::Tensor y = at::empty({n, out_features}, x.options());
   const at::Tensor bp = padded_bias(bias, R * bo, x);
   SparseGemm g{n, R, int(bo), out_features, y.data_ptr<float>(), out_features, {}, {}, bo,
@@ -298,7 +371,7 @@ at::Tensor linear_forward(const at::Tensor& x_, const at::Tensor& values_, const
                        vt.data_ptr<float>() + sl[e] * bi * bo});
   const at::Tensor zeros = at::zeros({std::max<int64_t>(in, 1)}, x.options());
   const float *xp = x.data_ptr<float>(), *zero = zeros.data_ptr<float>();
-  run(g, [&](int64_t m0, int tn, const float** a_rows) {
+  run(g, [&](int64_t m0, int tn, const int32_t*, int64_t, const float** a_rows) {
     for (int t = 0; t < kMaxTileRows; ++t) a_rows[t] = t < tn ? xp + (m0 + t) * in : zero;
   });
   return y;
@@ -323,7 +396,7 @@ at::Tensor linear_grad_input(const at::Tensor& dy_, const at::Tensor& values_, c
                        values.data_ptr<float>() + ts[e] * bo * bi});
   const at::Tensor zeros = at::zeros({std::max<int64_t>(out, 1)}, dy.options());
   const float *dp = dy.data_ptr<float>(), *zero = zeros.data_ptr<float>();
-  run(g, [&](int64_t m0, int tn, const float** a_rows) {
+  run(g, [&](int64_t m0, int tn, const int32_t*, int64_t, const float** a_rows) {
     for (int t = 0; t < kMaxTileRows; ++t) a_rows[t] = t < tn ? dp + (m0 + t) * out : zero;
   });
   return dx;
@@ -335,7 +408,7 @@ at::Tensor linear_grad_values(const at::Tensor& dy, const at::Tensor& x_, const 
   check_float(dy, "grad_out");
   check_float(x_, "x");
   const at::Tensor x = x_.contiguous();
-  const at::Tensor dyt = dy.t().contiguous();  // [out, N]: rows of A are contiguous along N
+  const at::Tensor dyt = permuted(dy, {1, 0}, kScratchA);  // [out, N]: A rows contiguous along N
   const int64_t in = x.size(1), nnzb = col_idx.numel(), bo = block_size[0], bi = block_size[1];
   check_indices(row_ptr, col_idx, slot, cdiv(in, bi), nnzb, "BSR");
   const int32_t *rp = row_ptr.data_ptr<int32_t>(), *ci = col_idx.data_ptr<int32_t>(),
@@ -343,8 +416,12 @@ at::Tensor linear_grad_values(const at::Tensor& dy, const at::Tensor& x_, const 
   std::vector<Entry> entries;
   for (int64_t r = 0; r + 1 < row_ptr.numel(); ++r)
     for (int32_t e = rp[r]; e < rp[r + 1]; ++e) entries.push_back({r, ci[e] * bi, sl[e]});
-  at::Tensor partial = new_grad_values(x, nnzb, bo, bi, x.size(0), entries.size());
-  grad_values_blocks(dyt, x.data_ptr<float>(), in, in, entries, partial);
+  const int64_t n = x.size(0);
+  std::vector<Segment> segs;
+  for (int64_t k0 = 0; k0 < n; k0 += 256)
+    segs.push_back({k0, k0 * in, int32_t(std::min<int64_t>(256, n - k0))});
+  at::Tensor partial = new_grad_values(x, nnzb, bo, bi, n, entries.size());
+  grad_values_blocks(dyt, x.data_ptr<float>(), in, in, segs, entries, partial);
   return reduce_splits(partial);
 }
 
@@ -380,9 +457,9 @@ at::Tensor conv2d_forward(const at::Tensor& x_, const at::Tensor& values_, const
   const int64_t cbpt = cdiv(g.cin, bi), R = row_ptr.numel() - 1;
   check_indices(row_ptr, col_idx, slot, g.taps() * cbpt, nnzb, "BSR");
   TORCH_CHECK(R == cdiv(out_channels, bo), "freetickets_cpu: row_ptr does not match out_channels");
-  const at::Tensor xn = x_.permute({0, 2, 3, 1}).contiguous();  // NHWC: a tap's channels are contiguous
-  const at::Tensor vt = values_.transpose(1, 2).contiguous();
-  at::Tensor yn = at::empty({g.n, g.oh, g.ow, g.cout}, x_.options());
+  const at::Tensor xn = permuted(x_, {0, 2, 3, 1}, kScratchA);  // NHWC: a tap's channels are contiguous
+  const at::Tensor vt = values_.transpose(1, 2).contiguous();  // small next to the activations
+  at::Tensor yn = conv_result_buffer({g.n, g.oh, g.ow, g.cout}, x_);
   const at::Tensor bp = padded_bias(bias, R * bo, x_);
   SparseGemm gemm{g.n * g.oh * g.ow, R, int(bo), g.cout, yn.data_ptr<float>(), g.cout, {}, {}, bo,
                   bp.defined() ? bp.data_ptr<float>() : nullptr, int(g.taps())};
@@ -396,22 +473,19 @@ at::Tensor conv2d_forward(const at::Tensor& x_, const at::Tensor& values_, const
   }
   const at::Tensor zeros = at::zeros({g.cin}, x_.options());
   const float *xp = xn.data_ptr<float>(), *zero = zeros.data_ptr<float>();
-  run(gemm, [&](int64_t m0, int tn, const float** a_rows) {
+  run(gemm, [&](int64_t m0, int tn, const int32_t* taps, int64_t ntaps, const float** a_rows) {
     for (int t = 0; t < kMaxTileRows; ++t) {
       const int64_t m = m0 + t;
       const int64_t n = m / (g.oh * g.ow), oh = (m / g.ow) % g.oh, ow = m % g.ow;
-      for (int64_t i = 0; i < g.kh; ++i) {
-        const int64_t ih = oh * g.sh - g.ph + i * g.dh;
-        for (int64_t j = 0; j < g.kw; ++j) {
-          const int64_t iw = ow * g.sw - g.pw + j * g.dw;
-          const bool inside = t < tn && ih >= 0 && ih < g.h && iw >= 0 && iw < g.w;
-          a_rows[(i * g.kw + j) * kMaxTileRows + t] =
-              inside ? xp + ((n * g.h + ih) * g.w + iw) * g.cin : zero;
-        }
+      for (int64_t u = 0; u < ntaps; ++u) {
+        const int64_t ih = oh * g.sh - g.ph + (taps[u] / g.kw) * g.dh;
+        const int64_t iw = ow * g.sw - g.pw + (taps[u] % g.kw) * g.dw;
+        const bool inside = t < tn && ih >= 0 && ih < g.h && iw >= 0 && iw < g.w;
+        a_rows[taps[u] * kMaxTileRows + t] = inside ? xp + ((n * g.h + ih) * g.w + iw) * g.cin : zero;
       }
     }
   });
-  return yn.permute({0, 3, 1, 2}).contiguous();
+  return to_conv_output(yn, x_);
 }
 
 at::Tensor conv2d_grad_input(const at::Tensor& dy_, const at::Tensor& values_, const at::Tensor& col_ptr,
@@ -428,8 +502,8 @@ at::Tensor conv2d_grad_input(const at::Tensor& dy_, const at::Tensor& values_, c
   const int64_t cbpt = cdiv(g.cin, bi), C = col_ptr.numel() - 1;
   TORCH_CHECK(C == g.taps() * cbpt, "freetickets_cpu: col_ptr does not match the input channels");
   check_indices(col_ptr, row_idx, tslot, cdiv(g.cout, bo), nnzb, "transposed");
-  const at::Tensor dyn = dy_.permute({0, 2, 3, 1}).contiguous();
-  at::Tensor dxn = at::empty({g.n, g.h, g.w, g.cin}, dy_.options());
+  const at::Tensor dyn = permuted(dy_, {0, 2, 3, 1}, kScratchA);
+  at::Tensor dxn = conv_result_buffer({g.n, g.h, g.w, g.cin}, dy_);
   // Output block cb (Bi input channels) sums, over taps, the blocks of column tap*cbpt + cb.
   SparseGemm gemm{g.n * g.h * g.w, cbpt, int(bi), g.cin, dxn.data_ptr<float>(), g.cin, {0}, {}, bi,
                   nullptr, int(g.taps())};
@@ -446,23 +520,21 @@ at::Tensor conv2d_grad_input(const at::Tensor& dy_, const at::Tensor& values_, c
   }
   const at::Tensor zeros = at::zeros({g.cout}, dy_.options());
   const float *dp = dyn.data_ptr<float>(), *zero = zeros.data_ptr<float>();
-  run(gemm, [&](int64_t m0, int tn, const float** a_rows) {
+  run(gemm, [&](int64_t m0, int tn, const int32_t* taps, int64_t ntaps, const float** a_rows) {
     for (int t = 0; t < kMaxTileRows; ++t) {
       const int64_t m = m0 + t;
       const int64_t n = m / (g.h * g.w), ih = (m / g.w) % g.h, iw = m % g.w;
-      for (int64_t i = 0; i < g.kh; ++i) {
-        const int64_t ohs = ih + g.ph - i * g.dh;  // oh * stride when this tap reaches ih
-        const bool row_ok = ohs >= 0 && ohs % g.sh == 0 && ohs / g.sh < g.oh;
-        for (int64_t j = 0; j < g.kw; ++j) {
-          const int64_t ows = iw + g.pw - j * g.dw;
-          const bool ok = t < tn && row_ok && ows >= 0 && ows % g.sw == 0 && ows / g.sw < g.ow;
-          a_rows[(i * g.kw + j) * kMaxTileRows + t] =
-              ok ? dp + ((n * g.oh + ohs / g.sh) * g.ow + ows / g.sw) * g.cout : zero;
-        }
+      for (int64_t u = 0; u < ntaps; ++u) {
+        const int64_t ohs = ih + g.ph - (taps[u] / g.kw) * g.dh;  // oh * stride when this tap reaches ih
+        const int64_t ows = iw + g.pw - (taps[u] % g.kw) * g.dw;
+        const bool ok = t < tn && ohs >= 0 && ohs % g.sh == 0 && ohs / g.sh < g.oh && ows >= 0 &&
+                        ows % g.sw == 0 && ows / g.sw < g.ow;
+        a_rows[taps[u] * kMaxTileRows + t] =
+            ok ? dp + ((n * g.oh + ohs / g.sh) * g.ow + ows / g.sw) * g.cout : zero;
       }
     }
   });
-  return dxn.permute({0, 3, 1, 2}).contiguous();
+  return to_conv_output(dxn, dy_);
 }
 
 at::Tensor conv2d_grad_values(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& row_ptr,
@@ -476,8 +548,8 @@ at::Tensor conv2d_grad_values(const at::Tensor& dy, const at::Tensor& x, const a
   const int64_t cbpt = cdiv(g.cin, bi), M = g.n * g.oh * g.ow;
   check_indices(row_ptr, col_idx, slot, g.taps() * cbpt, nnzb, "BSR");
   // [Cout, M] with M ordered (n, oh, ow): A rows contiguous along the reduction.
-  const at::Tensor dyt = dy.permute({1, 0, 2, 3}).reshape({g.cout, M}).contiguous();
-  const at::Tensor xpn = at::constant_pad_nd(x, {g.pw, g.pw, g.ph, g.ph}).permute({0, 2, 3, 1});
+  const at::Tensor dyt = permuted(dy, {1, 0, 2, 3}, kScratchA).view({g.cout, M});
+  const at::Tensor xn = permuted(x, {0, 2, 3, 1}, kScratchB);  // NHWC: B rows are pixels
   const int32_t *rp = row_ptr.data_ptr<int32_t>(), *ci = col_idx.data_ptr<int32_t>(),
                 *sl = slot.data_ptr<int32_t>();
   std::vector<std::vector<Entry>> by_tap(g.taps());
@@ -487,14 +559,25 @@ at::Tensor conv2d_grad_values(const at::Tensor& dy, const at::Tensor& x, const a
   size_t most = 0;
   for (const auto& v : by_tap) most = std::max(most, v.size());
   at::Tensor partial = new_grad_values(x, nnzb, bo, bi, M, most);
+  std::vector<Segment> segs;
   for (int64_t tap = 0; tap < g.taps(); ++tap) {
     if (by_tap[tap].empty()) continue;
     const int64_t i = tap / g.kw, j = tap % g.kw;
-    // The input pixels this tap reads for every output pixel, as an [M, Cin] matrix.
-    const at::Tensor shifted = xpn.slice(1, i * g.dh, i * g.dh + g.sh * (g.oh - 1) + 1, g.sh)
-                                   .slice(2, j * g.dw, j * g.dw + g.sw * (g.ow - 1) + 1, g.sw)
-                                   .contiguous();
-    grad_values_blocks(dyt, shifted.data_ptr<float>(), g.cin, g.cin, by_tap[tap], partial);
+    // output columns whose input column iw = ow*sw - pw + j*dw lies inside the image
+    const int64_t ow_lo = std::max<int64_t>(0, cdiv(g.pw - j * g.dw, g.sw));
+    const int64_t ow_hi = std::min<int64_t>(g.ow, cdiv(g.w + g.pw - j * g.dw, g.sw));
+    segs.clear();
+    if (ow_hi > ow_lo) {
+      for (int64_t n = 0; n < g.n; ++n)
+        for (int64_t oh = 0; oh < g.oh; ++oh) {
+          const int64_t ih = oh * g.sh - g.ph + i * g.dh;
+          if (ih < 0 || ih >= g.h) continue;
+          const int64_t iw = ow_lo * g.sw - g.pw + j * g.dw;
+          segs.push_back({(n * g.oh + oh) * g.ow + ow_lo, ((n * g.h + ih) * g.w + iw) * g.cin,
+                          int32_t(ow_hi - ow_lo)});
+        }
+    }
+    grad_values_blocks(dyt, xn.data_ptr<float>(), g.sw * g.cin, g.cin, segs, by_tap[tap], partial);
   }
   return reduce_splits(partial);
 }

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..layout import block_norms, from_gemm_blocks, to_gemm_blocks
+from ..validation import conv_memory_format
 
 NAME = "reference"
 
@@ -98,7 +99,8 @@ def conv2d_forward(
         _grid_cols(in_channels, values.shape[2], kernel_size), False,
         _weight_shape(out_channels, in_channels, kernel_size),
     )
-    return F.conv2d(x, w, bias, list(stride), list(padding), list(dilation))
+    y = F.conv2d(x, w, bias, list(stride), list(padding), list(dilation))
+    return y.contiguous(memory_format=conv_memory_format(x))
 
 
 def conv2d_grad_input(
@@ -110,9 +112,10 @@ def conv2d_grad_input(
         values, col_ptr, row_idx, tslot, col_ptr.numel() - 1, r, True,
         _weight_shape(out_channels, input_size[1], kernel_size),
     )
-    return torch.nn.grad.conv2d_input(
+    dx = torch.nn.grad.conv2d_input(
         list(input_size), w, grad_out, list(stride), list(padding), list(dilation)
     )
+    return dx.contiguous(memory_format=conv_memory_format(grad_out))
 
 
 def _conv2d_dense_weight_grad(grad_out, x, kernel_size, stride, padding, dilation):
