@@ -1,6 +1,10 @@
 """Shared helpers: random block-sparse weights, and running an op on a backend."""
 
 import pytest
+
+
+def pytest_addoption(parser):
+    parser.addoption("--long", action="store_true", help="deeper property-based fuzzing (tests/test_fuzz.py)")
 import torch
 
 import freetickets_kernels as ftk

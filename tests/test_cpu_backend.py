@@ -145,3 +145,15 @@ def test_linear_weights_first_path_for_few_tokens(tokens, with_bias):
     assert tokens * (200 + 300) < layout.nnzb * 16 * 16
     bias = torch.randn(200) if with_bias else None
     _compare(lambda x, v, b: ftk.block_sparse_linear(x, v, layout, b), [torch.randn(tokens, 300), values, bias])
+
+
+@pytest.mark.parametrize("hw", [(4, 5), (16, 20)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_pointwise_conv_runs_as_linear(hw, channels_last):
+    # 1x1/stride 1/no padding goes through the linear kernels (few pixels: weights-first)
+    layout = random_layout((96, 80, 1, 1), (16, 16), 0.9, seed=15)
+    values = random_values(layout, dtype=torch.float32)
+    x = torch.randn(1, 80, *hw)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    _compare(lambda x, v, b: ftk.block_sparse_conv2d(x, v, layout, b), [x, values, torch.randn(96)])

@@ -94,8 +94,9 @@ int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // Temporaries that never leave an op call (NHWC copies, transposes, partial
 // sums) live in per-thread buffers that only grow: a fresh multi-megabyte
 // allocation page-faults on every call, which cost up to 3x the kernel time
-// here.  Each call uses distinct slots; results returned to torch never do.
-enum Scratch { kScratchA, kScratchB, kScratchC, kNumScratch };
+// here.  Each role has its own slot, so a conv op may hand its NHWC views to a
+// linear op; results returned to torch never live in scratch.
+enum Scratch { kNhwcIn, kNhwcOut, kTransposeA, kTransposeB, kPartial, kNumScratch };
 
 at::Tensor scratch(Scratch which, at::IntArrayRef sizes, const at::TensorOptions& options) {
   thread_local at::Tensor buffers[kNumScratch];
@@ -123,7 +124,7 @@ bool strictly_channels_last(const at::Tensor& t) {
 // when that is channels_last, else into scratch (then copied out NCHW).
 at::Tensor conv_result_buffer(at::IntArrayRef nhwc_sizes, const at::Tensor& like) {
   if (strictly_channels_last(like)) return at::empty(nhwc_sizes, like.options());
-  return scratch(kScratchB, nhwc_sizes, like.options());
+  return scratch(kNhwcOut, nhwc_sizes, like.options());
 }
 
 // NHWC result -> NCHW-shaped tensor: channels_last (a free view) when the
@@ -299,7 +300,7 @@ at::Tensor new_grad_values(const at::Tensor& like, int64_t nnzb, int64_t bo, int
   const int64_t threads = at::get_num_threads();
   int64_t splits = 1;
   if (int64_t(n_entries) < 4 * threads) splits = std::max<int64_t>(1, std::min(threads * 4, K / 512));
-  return scratch(kScratchC, {splits, nnzb, bo, bi}, like.options()).zero_();
+  return scratch(kPartial, {splits, nnzb, bo, bi}, like.options()).zero_();
 }
 
 // The result: a fresh tensor (the partial sums live in scratch).
@@ -318,8 +319,8 @@ at::Tensor linear_forward_weights_first(const at::Tensor& x, const at::Tensor& v
                                         int64_t out_features) {
   const int64_t n = x.size(0), in = x.size(1), nnzb = values.size(0);
   const int64_t bo = values.size(1), bi = values.size(2), R = row_ptr.numel() - 1;
-  const at::Tensor xt = permuted(x, {1, 0}, kScratchA);
-  at::Tensor yt = scratch(kScratchB, {out_features, n}, x.options());
+  const at::Tensor xt = permuted(x, {1, 0}, kTransposeA);
+  at::Tensor yt = scratch(kTransposeB, {out_features, n}, x.options());
   const int64_t panel = std::min<int64_t>(n, 64);
   SparseGemm g{out_features, cdiv(n, panel), int(panel), n, yt.data_ptr<float>(), n, {}, {}, n,
                nullptr, 1, bo};
@@ -358,7 +359,7 @@ at::Tensor linear_forward(const at::Tensor& x_, const at::Tensor& values_, const
   if (n >= 16 && n * (in + out_features) < nnzb * bo * bi)
     return linear_forward_weights_first(x, values_.contiguous(), row_ptr, col_idx, slot, bias,
                                         out_features);
-  const at::Tensor vt = permuted(values_, {0, 2, 1}, kScratchA);  // [nnzb, Bi, Bo]: Bo is the vector axis
+  const at::Tensor vt = permuted(values_, {0, 2, 1}, kTransposeA);  // [nnzb, Bi, Bo]: Bo is the vector axis
   at::Tensor y = at::empty({n, out_features}, x.options());
   const at::Tensor bp = padded_bias(bias, R * bo, x);
   SparseGemm g{n, R, int(bo), out_features, y.data_ptr<float>(), out_features, {}, {}, bo,
@@ -408,7 +409,7 @@ at::Tensor linear_grad_values(const at::Tensor& dy, const at::Tensor& x_, const 
   check_float(dy, "grad_out");
   check_float(x_, "x");
   const at::Tensor x = x_.contiguous();
-  const at::Tensor dyt = permuted(dy, {1, 0}, kScratchA);  // [out, N]: A rows contiguous along N
+  const at::Tensor dyt = permuted(dy, {1, 0}, kTransposeA);  // [out, N]: A rows contiguous along N
   const int64_t in = x.size(1), nnzb = col_idx.numel(), bo = block_size[0], bi = block_size[1];
   check_indices(row_ptr, col_idx, slot, cdiv(in, bi), nnzb, "BSR");
   const int32_t *rp = row_ptr.data_ptr<int32_t>(), *ci = col_idx.data_ptr<int32_t>(),
@@ -430,6 +431,8 @@ at::Tensor linear_grad_values(const at::Tensor& dy, const at::Tensor& x_, const 
 struct ConvGeom {
   int64_t n, cin, h, w, cout, oh, ow, kh, kw, sh, sw, ph, pw, dh, dw;
   int64_t taps() const { return kh * kw; }
+  // 1x1, stride 1, no padding: the conv is a GEMM over pixels
+  bool pointwise() const { return kh == 1 && kw == 1 && sh == 1 && sw == 1 && ph == 0 && pw == 0; }
 };
 
 ConvGeom conv_geom(at::IntArrayRef input_size, int64_t cout, at::IntArrayRef kernel,
@@ -453,11 +456,16 @@ at::Tensor conv2d_forward(const at::Tensor& x_, const at::Tensor& values_, const
   check_float(x_, "x");
   check_float(values_, "values");
   const ConvGeom g = conv_geom(x_.sizes(), out_channels, kernel, stride, padding, dilation);
+  if (g.pointwise()) {  // a linear layer over the pixels of the NHWC input
+    const at::Tensor xn = permuted(x_, {0, 2, 3, 1}, kNhwcIn).view({-1, g.cin});
+    const at::Tensor yn = linear_forward(xn, values_, row_ptr, col_idx, slot, bias, out_channels);
+    return to_conv_output(yn.view({g.n, g.oh, g.ow, g.cout}), x_);
+  }
   const int64_t nnzb = values_.size(0), bo = values_.size(1), bi = values_.size(2);
   const int64_t cbpt = cdiv(g.cin, bi), R = row_ptr.numel() - 1;
   check_indices(row_ptr, col_idx, slot, g.taps() * cbpt, nnzb, "BSR");
   TORCH_CHECK(R == cdiv(out_channels, bo), "freetickets_cpu: row_ptr does not match out_channels");
-  const at::Tensor xn = permuted(x_, {0, 2, 3, 1}, kScratchA);  // NHWC: a tap's channels are contiguous
+  const at::Tensor xn = permuted(x_, {0, 2, 3, 1}, kNhwcIn);  // NHWC: a tap's channels are contiguous
   const at::Tensor vt = values_.transpose(1, 2).contiguous();  // small next to the activations
   at::Tensor yn = conv_result_buffer({g.n, g.oh, g.ow, g.cout}, x_);
   const at::Tensor bp = padded_bias(bias, R * bo, x_);
@@ -497,12 +505,17 @@ at::Tensor conv2d_grad_input(const at::Tensor& dy_, const at::Tensor& values_, c
   const ConvGeom g = conv_geom(input_size, dy_.size(1), kernel, stride, padding, dilation);
   TORCH_CHECK(dy_.size(2) == g.oh && dy_.size(3) == g.ow,
               "freetickets_cpu: grad_out spatial size does not match the conv geometry");
+  if (g.pointwise()) {
+    const at::Tensor dyn = permuted(dy_, {0, 2, 3, 1}, kNhwcIn).view({-1, g.cout});
+    const at::Tensor dxn = linear_grad_input(dyn, values_, col_ptr, row_idx, tslot, g.cin);
+    return to_conv_output(dxn.view({g.n, g.h, g.w, g.cin}), dy_);
+  }
   const at::Tensor values = values_.contiguous();
   const int64_t nnzb = values.size(0), bo = values.size(1), bi = values.size(2);
   const int64_t cbpt = cdiv(g.cin, bi), C = col_ptr.numel() - 1;
   TORCH_CHECK(C == g.taps() * cbpt, "freetickets_cpu: col_ptr does not match the input channels");
   check_indices(col_ptr, row_idx, tslot, cdiv(g.cout, bo), nnzb, "transposed");
-  const at::Tensor dyn = permuted(dy_, {0, 2, 3, 1}, kScratchA);
+  const at::Tensor dyn = permuted(dy_, {0, 2, 3, 1}, kNhwcIn);
   at::Tensor dxn = conv_result_buffer({g.n, g.h, g.w, g.cin}, dy_);
   // Output block cb (Bi input channels) sums, over taps, the blocks of column tap*cbpt + cb.
   SparseGemm gemm{g.n * g.h * g.w, cbpt, int(bi), g.cin, dxn.data_ptr<float>(), g.cin, {0}, {}, bi,
@@ -546,10 +559,14 @@ at::Tensor conv2d_grad_values(const at::Tensor& dy, const at::Tensor& x, const a
   const ConvGeom g = conv_geom(x.sizes(), dy.size(1), kernel, stride, padding, dilation);
   const int64_t nnzb = col_idx.numel(), bo = block_size[0], bi = block_size[1];
   const int64_t cbpt = cdiv(g.cin, bi), M = g.n * g.oh * g.ow;
+  if (g.pointwise())
+    return linear_grad_values(permuted(dy, {0, 2, 3, 1}, kNhwcOut).view({M, g.cout}),
+                              permuted(x, {0, 2, 3, 1}, kNhwcIn).view({M, g.cin}), row_ptr, col_idx,
+                              slot, block_size);
   check_indices(row_ptr, col_idx, slot, g.taps() * cbpt, nnzb, "BSR");
   // [Cout, M] with M ordered (n, oh, ow): A rows contiguous along the reduction.
-  const at::Tensor dyt = permuted(dy, {1, 0, 2, 3}, kScratchA).view({g.cout, M});
-  const at::Tensor xn = permuted(x, {0, 2, 3, 1}, kScratchB);  // NHWC: B rows are pixels
+  const at::Tensor dyt = permuted(dy, {1, 0, 2, 3}, kTransposeA).view({g.cout, M});
+  const at::Tensor xn = permuted(x, {0, 2, 3, 1}, kNhwcIn);  // NHWC: B rows are pixels
   const int32_t *rp = row_ptr.data_ptr<int32_t>(), *ci = col_idx.data_ptr<int32_t>(),
                 *sl = slot.data_ptr<int32_t>();
   std::vector<std::vector<Entry>> by_tap(g.taps());

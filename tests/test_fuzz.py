@@ -1,0 +1,104 @@
+"""Property-based fuzzing: every available non-reference backend against the reference.
+
+Hypothesis draws shapes, block sizes, densities, stride/padding/dilation and
+batch sizes; forward, grad-input, grad-values and grad-bias must match the
+float64 reference.  CI runs a fixed, derandomized budget; ``pytest --long``
+runs a deeper one.
+"""
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import freetickets_kernels as ftk
+
+from conftest import random_layout, random_values, run_op
+
+CPU_BACKENDS = [b for b in ("cpu",) if b in ftk.available_backends()]
+pytestmark = pytest.mark.skipif(not CPU_BACKENDS, reason="no CPU backend besides the reference is built")
+
+
+@pytest.fixture(scope="module")
+def budget(request):
+    return 300 if request.config.getoption("--long") else 30
+
+
+def _fuzz_settings(budget):
+    return settings(max_examples=budget, deadline=None, derandomize=True,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+
+
+def _check(backend, fn, inputs):
+    ref = run_op("reference", fn, [t.double() if t is not None else None for t in inputs])
+    got = run_op(backend, fn, inputs)
+    for g, r in zip(got, ref):
+        if r is None:
+            assert g is None
+        else:
+            torch.testing.assert_close(g.double(), r, rtol=2e-4, atol=2e-4)
+
+
+densities = st.sampled_from([0.0, 0.05, 0.2, 0.5, 0.8, 1.0])
+
+
+@st.composite
+def linear_case(draw):
+    out, inn = draw(st.integers(1, 90)), draw(st.integers(1, 90))
+    block = (draw(st.integers(1, 40)), draw(st.integers(1, 40)))
+    lead = draw(st.lists(st.integers(1, 20), min_size=1, max_size=2))
+    return out, inn, block, draw(densities), tuple(lead), draw(st.booleans()), draw(st.integers(0, 2**16))
+
+
+@st.composite
+def conv_case(draw):
+    cout, cin = draw(st.integers(1, 24)), draw(st.integers(1, 24))
+    kernel = (draw(st.integers(1, 4)), draw(st.integers(1, 4)))
+    block = (draw(st.integers(1, 20)), draw(st.integers(1, 20)))
+    stride = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    padding = (draw(st.integers(0, 2)), draw(st.integers(0, 2)))
+    dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    # spatial size at least the dilated kernel minus padding, so the output is non-empty
+    hw = tuple(
+        draw(st.integers(max(1, dilation[i] * (kernel[i] - 1) + 1 - 2 * padding[i]), 12)) for i in range(2)
+    )
+    batch = draw(st.integers(1, 3))
+    channels_last = draw(st.booleans())
+    return (cout, cin, kernel, block, draw(densities), batch, hw, stride, padding, dilation,
+            draw(st.booleans()), channels_last, draw(st.integers(0, 2**16)))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_fuzz_linear(backend, budget):
+    @_fuzz_settings(budget)
+    @given(linear_case())
+    def run(case):
+        out, inn, block, density, lead, with_bias, seed = case
+        layout = random_layout((out, inn), block, density, seed=seed)
+        values = random_values(layout, dtype=torch.float32, seed=seed + 1)
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(*lead, inn, generator=g)
+        bias = torch.randn(out, generator=g) if with_bias else None
+        _check(backend, lambda x, v, b: ftk.block_sparse_linear(x, v, layout, b), [x, values, bias])
+
+    run()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_fuzz_conv2d(backend, budget):
+    @_fuzz_settings(budget)
+    @given(conv_case())
+    def run(case):
+        (cout, cin, kernel, block, density, batch, hw, stride, padding, dilation,
+         with_bias, channels_last, seed) = case
+        layout = random_layout((cout, cin, *kernel), block, density, seed=seed)
+        values = random_values(layout, dtype=torch.float32, seed=seed + 1)
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(batch, cin, *hw, generator=g)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        bias = torch.randn(cout, generator=g) if with_bias else None
+        geo = (stride, padding, dilation)
+        _check(backend, lambda x, v, b: ftk.block_sparse_conv2d(x, v, layout, b, *geo), [x, values, bias])
+
+    run()
