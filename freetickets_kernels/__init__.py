@@ -9,6 +9,7 @@ from .backends import (
     use_backend,
 )
 from .layout import BlockSparseLayout
+from .nn import SparseConv2d, SparseLinear, densify, sparsify
 from .ops import block_sparse_conv2d, block_sparse_linear, dense_grad_block_norms
 
 __version__ = "0.1.0"
@@ -17,10 +18,14 @@ __all__ = [
     "BackendUnavailableError",
     "BlockSparseLayout",
     "ReferenceBackendWarning",
+    "SparseConv2d",
+    "SparseLinear",
     "available_backends",
     "block_sparse_conv2d",
     "block_sparse_linear",
     "dense_grad_block_norms",
+    "densify",
     "ops",
+    "sparsify",
     "use_backend",
 ]

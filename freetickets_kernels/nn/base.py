@@ -1,0 +1,148 @@
+"""What SparseLinear and SparseConv2d share: packed values, the layout, state_dict.
+
+The trainable parameter is ``values [nnzb, Bo, Bi]``; the layout lives in the
+``slot_map`` buffer (so ``.to()`` moves it and ``state_dict`` saves it) and in
+a :class:`BlockSparseLayout` rebuilt from that buffer whenever it changes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .. import backends
+from ..layout import BlockSparseLayout, check_density
+
+
+def random_block_mask(grid, density: float, device=None, generator=None) -> torch.Tensor:
+    """Bool ``grid`` mask with exactly ``round(density * R * C)`` blocks, uniformly at random."""
+    check_density(density)
+    total = grid[0] * grid[1]
+    keep = round(density * total)
+    mask = torch.zeros(total, dtype=torch.bool, device=device)
+    mask[torch.randperm(total, generator=generator, device="cpu")[:keep].to(mask.device)] = True
+    return mask.view(grid)
+
+
+class BlockSparseModule(nn.Module):
+    """Base of the block-sparse layers (not used directly)."""
+
+    values: nn.Parameter
+    slot_map: torch.Tensor
+
+    def _init_sparse(self, layout: BlockSparseLayout, values: torch.Tensor) -> None:
+        self.values = nn.Parameter(values)
+        self.register_buffer("slot_map", layout.slot_map.clone())
+        self._layout = layout
+
+    # ----------------------------------------------------------------- layout
+    @property
+    def layout(self) -> BlockSparseLayout:
+        return self._layout
+
+    def set_layout(self, layout: BlockSparseLayout, values: Optional[torch.Tensor] = None) -> None:
+        """Install a new layout of the same geometry (DST updates use this).
+
+        With the same block count the ``values`` parameter is updated in place
+        (its identity, and so the optimizer's hold on it, is kept).
+        """
+        old = self._layout
+        if layout.weight_shape != old.weight_shape or layout.block_size != old.block_size:
+            raise ValueError(f"new layout {layout} does not match this layer's {old}")
+        layout = layout.to(self.values.device)
+        with torch.no_grad():
+            if values is not None:
+                layout.check_values(values)
+                if values.shape == self.values.shape:
+                    self.values.copy_(values)
+                else:
+                    self.values.data = values.to(self.values.device, self.values.dtype).clone()
+            elif layout.nnzb != old.nnzb:
+                raise ValueError("the block count changed: pass the new values too")
+        self.slot_map = layout.slot_map.clone()
+        self._layout = layout
+
+    def load_dense(self, weight: torch.Tensor, density: float, criterion: str = "magnitude") -> None:
+        """Keep ``density`` of the blocks of a dense ``weight`` (this layer's shape): the
+        largest by L2 norm (``criterion="magnitude"``) or uniformly at random (``"random"``)."""
+        if criterion == "magnitude":
+            values, layout = BlockSparseLayout.from_dense(weight, self.block_size, density=density)
+        elif criterion == "random":
+            mask = random_block_mask(self._layout.grid_shape, density, weight.device)
+            values, layout = BlockSparseLayout.from_dense(weight, self.block_size, block_mask=mask)
+        else:
+            raise ValueError(f"criterion must be 'magnitude' or 'random', got {criterion!r}")
+        self.set_layout(layout, values)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if self.slot_map.device != self._layout.device:
+            self._layout = BlockSparseLayout(
+                self.slot_map, self._layout.out_features, self._layout.in_features,
+                self._layout.block_size, self._layout.kernel_size,
+            )
+        return self
+
+    # --------------------------------------------------------------- inspect
+    @property
+    def density(self) -> float:
+        """Fraction of the weight's elements inside live blocks."""
+        return self._layout.density
+
+    @property
+    def block_size(self):
+        return self._layout.block_size
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """Bool element mask with the weight's shape (a new tensor: read-only view)."""
+        return self._layout.element_mask()
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense weight, for inspection (a detached copy, zeros outside live blocks)."""
+        return self._layout.unpack(self.values.detach())
+
+    def _backend_name(self) -> str:
+        try:
+            return backends.select(self.values.device, self.values.dtype).name
+        except (ValueError, backends.BackendUnavailableError) as exc:
+            return f"none ({exc})"
+
+    def _sparse_repr(self) -> str:
+        return (f"density={self.density:.3g}, block_size={self.block_size}, "
+                f"nnzb={self._layout.nnzb}, backend={self._backend_name()}")
+
+    # ------------------------------------------------------------ state_dict
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # The saved layout may hold another block count: adopt its shape first.
+        slot_map = state_dict.get(prefix + "slot_map")
+        values = state_dict.get(prefix + "values")
+        if slot_map is not None:
+            try:
+                layout = BlockSparseLayout(
+                    slot_map.to(self.slot_map.device), self._layout.out_features,
+                    self._layout.in_features, self._layout.block_size, self._layout.kernel_size,
+                )
+                if values is not None:
+                    layout.check_values(values)
+            except (ValueError, TypeError) as exc:
+                error_msgs.append(f"{prefix}slot_map/values do not form a valid layout: {exc}")
+                return
+            if values is not None and values.shape != self.values.shape:
+                self.values.data = self.values.data.new_empty(values.shape)
+            self.slot_map = self.slot_map.new_empty(slot_map.shape)
+            self._layout = layout
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+
+def dense_init_bias(bias: Optional[torch.Tensor], fan_in: int) -> None:
+    """nn.Linear / nn.Conv2d's default bias init."""
+    if bias is not None:
+        bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+        nn.init.uniform_(bias, -bound, bound)

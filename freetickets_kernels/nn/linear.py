@@ -1,0 +1,75 @@
+"""SparseLinear: nn.Linear with a block-sparse weight."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..layout import BlockSparseLayout, IntPair, block_size_pair, check_density
+from ..ops import block_sparse_linear
+from .base import BlockSparseModule, dense_init_bias, random_block_mask
+
+
+class SparseLinear(BlockSparseModule):
+    """Drop-in ``nn.Linear`` whose weight keeps only a ``density`` fraction of its blocks.
+
+    Same arguments and forward semantics as ``nn.Linear``, plus ``density``
+    (fraction of ``block_size`` blocks kept, chosen at random here; use
+    :meth:`from_dense` to keep the largest blocks of a trained layer) and
+    ``block_size`` (int or ``(out, in)`` pair; ``(1, 1)`` is unstructured).
+    The trainable parameter is ``values``; ``weight`` is a dense copy for inspection.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None,
+                 density: float = 0.1, block_size: IntPair = 32) -> None:
+        super().__init__()
+        check_density(density)
+        bs = block_size_pair(block_size)
+        self.in_features, self.out_features = in_features, out_features
+        factory = dict(device=device, dtype=dtype)
+        dense = torch.empty(out_features, in_features, **factory)
+        nn.init.kaiming_uniform_(dense, a=math.sqrt(5))  # nn.Linear's init
+        grid = BlockSparseLayout.grid_for((out_features, in_features), bs)
+        values, layout = BlockSparseLayout.from_dense(dense, bs, block_mask=random_block_mask(grid, density, dense.device))
+        self._init_sparse(layout, values)
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, **factory))
+        else:
+            self.register_parameter("bias", None)
+        dense_init_bias(self.bias, in_features)
+
+    @classmethod
+    def from_dense(cls, module: nn.Linear, density: float, block_size: IntPair = 32,
+                   criterion: str = "magnitude") -> "SparseLinear":
+        """A SparseLinear keeping ``density`` of ``module``'s blocks: the largest by L2 norm
+        (``criterion="magnitude"``) or uniformly at random (``"random"``)."""
+        if not isinstance(module, nn.Linear):
+            raise TypeError(f"from_dense needs an nn.Linear, got {type(module).__name__}")
+        w = module.weight.detach()
+        new = cls(module.in_features, module.out_features, module.bias is not None,
+                  device=w.device, dtype=w.dtype, density=density, block_size=block_size)
+        new.load_dense(w, density, criterion)
+        if module.bias is not None:
+            with torch.no_grad():
+                new.bias.copy_(module.bias)
+        return new
+
+    def to_dense(self) -> nn.Linear:
+        """An ``nn.Linear`` computing exactly the same function."""
+        v = self.values.detach()
+        dense = nn.Linear(self.in_features, self.out_features, self.bias is not None, device=v.device, dtype=v.dtype)
+        with torch.no_grad():
+            dense.weight.copy_(self.layout.unpack(v))
+            if self.bias is not None:
+                dense.bias.copy_(self.bias)
+        return dense
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return block_sparse_linear(input, self.values, self.layout, self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, {self._sparse_repr()}")
