@@ -313,10 +313,10 @@ at::Tensor reduce_splits(const at::Tensor& partial) {
 // Y^T [out, N] = W X^T: C rows are output features (tiles stay inside one row
 // block, whose live blocks are the terms), A rows are the stored value rows
 // (a term's a_off selects its slot), B is X^T [in, N], panels of tokens wide.
-at::Tensor linear_forward_weights_first(const at::Tensor& x, const at::Tensor& values,
-                                        const at::Tensor& row_ptr, const at::Tensor& col_idx,
-                                        const at::Tensor& slot, const std::optional<at::Tensor>& bias,
-                                        int64_t out_features) {
+void linear_forward_weights_first(const at::Tensor& x, const at::Tensor& values,
+                                  const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                                  const at::Tensor& slot, const std::optional<at::Tensor>& bias,
+                                  int64_t out_features, at::Tensor& y) {
   const int64_t n = x.size(0), in = x.size(1), nnzb = values.size(0);
   const int64_t bo = values.size(1), bi = values.size(2), R = row_ptr.numel() - 1;
   const at::Tensor xt = permuted(x, {1, 0}, kTransposeA);
@@ -335,17 +335,17 @@ at::Tensor linear_forward_weights_first(const at::Tensor& x, const at::Tensor& v
     const int64_t o = m0 % bo;  // row inside its block; unused rows read slot 0 harmlessly
     for (int t = 0; t < kMaxTileRows; ++t) a_rows[t] = vp + (t < tn ? (o + t) * bi : 0);
   });
-  at::Tensor y = yt.t().contiguous();
+  y.copy_(yt.t());
   if (bias.has_value()) {
     check_float(*bias, "bias");
     y.add_(*bias);
   }
-  return y;
 }
 
-at::Tensor linear_forward(const at::Tensor& x_, const at::Tensor& values_, const at::Tensor& row_ptr,
-                          const at::Tensor& col_idx, const at::Tensor& slot,
-                          const std::optional<at::Tensor>& bias, int64_t out_features) {
+// y [N, out] (contiguous) = x W^T + bias: the forward of linear and of pointwise convs.
+void linear_forward_into(const at::Tensor& x_, const at::Tensor& values_, const at::Tensor& row_ptr,
+                         const at::Tensor& col_idx, const at::Tensor& slot,
+                         const std::optional<at::Tensor>& bias, int64_t out_features, at::Tensor& y) {
   check_float(x_, "x");
   check_float(values_, "values");
   const at::Tensor x = x_.contiguous();
@@ -358,9 +358,8 @@ at::Tensor linear_forward(const at::Tensor& x_, const at::Tensor& values_, const
   // X and Y instead, which is cheaper for few tokens.
   if (n >= 16 && n * (in + out_features) < nnzb * bo * bi)
     return linear_forward_weights_first(x, values_.contiguous(), row_ptr, col_idx, slot, bias,
-                                        out_features);
+                                        out_features, y);
   const at::Tensor vt = permuted(values_, {0, 2, 1}, kTransposeA);  // [nnzb, Bi, Bo]: Bo is the vector axis
-  at::Tensor y = at::empty({n, out_features}, x.options());
   const at::Tensor bp = padded_bias(bias, R * bo, x);
   SparseGemm g{n, R, int(bo), out_features, y.data_ptr<float>(), out_features, {}, {}, bo,
                bp.defined() ? bp.data_ptr<float>() : nullptr, 1};
@@ -375,11 +374,21 @@ at::Tensor linear_forward(const at::Tensor& x_, const at::Tensor& values_, const
   run(g, [&](int64_t m0, int tn, const int32_t*, int64_t, const float** a_rows) {
     for (int t = 0; t < kMaxTileRows; ++t) a_rows[t] = t < tn ? xp + (m0 + t) * in : zero;
   });
+}
+
+at::Tensor linear_forward(const at::Tensor& x, const at::Tensor& values, const at::Tensor& row_ptr,
+                          const at::Tensor& col_idx, const at::Tensor& slot,
+                          const std::optional<at::Tensor>& bias, int64_t out_features) {
+  check_float(x, "x");
+  at::Tensor y = at::empty({x.size(0), out_features}, x.options());
+  linear_forward_into(x, values, row_ptr, col_idx, slot, bias, out_features, y);
   return y;
 }
 
-at::Tensor linear_grad_input(const at::Tensor& dy_, const at::Tensor& values_, const at::Tensor& col_ptr,
-                             const at::Tensor& row_idx, const at::Tensor& tslot, int64_t in_features) {
+// dx [N, in] (contiguous) = dy W: grad-input of linear and of pointwise convs.
+void linear_grad_input_into(const at::Tensor& dy_, const at::Tensor& values_, const at::Tensor& col_ptr,
+                            const at::Tensor& row_idx, const at::Tensor& tslot, int64_t in_features,
+                            at::Tensor& dx) {
   check_float(dy_, "grad_out");
   check_float(values_, "values");
   const at::Tensor dy = dy_.contiguous(), values = values_.contiguous();
@@ -387,7 +396,6 @@ at::Tensor linear_grad_input(const at::Tensor& dy_, const at::Tensor& values_, c
   const int64_t bo = values.size(1), bi = values.size(2), C = col_ptr.numel() - 1;
   check_indices(col_ptr, row_idx, tslot, cdiv(out, bo), nnzb, "transposed");
   TORCH_CHECK(C == cdiv(in_features, bi), "freetickets_cpu: col_ptr does not match in_features");
-  at::Tensor dx = at::empty({n, in_features}, dy.options());
   SparseGemm g{n, C, int(bi), in_features, dx.data_ptr<float>(), in_features, {}, {}, bi, nullptr, 1};
   const int32_t *cp = col_ptr.data_ptr<int32_t>(), *ri = row_idx.data_ptr<int32_t>(),
                 *ts = tslot.data_ptr<int32_t>();
@@ -400,16 +408,22 @@ at::Tensor linear_grad_input(const at::Tensor& dy_, const at::Tensor& values_, c
   run(g, [&](int64_t m0, int tn, const int32_t*, int64_t, const float** a_rows) {
     for (int t = 0; t < kMaxTileRows; ++t) a_rows[t] = t < tn ? dp + (m0 + t) * out : zero;
   });
+}
+
+at::Tensor linear_grad_input(const at::Tensor& dy, const at::Tensor& values, const at::Tensor& col_ptr,
+                             const at::Tensor& row_idx, const at::Tensor& tslot, int64_t in_features) {
+  check_float(dy, "grad_out");
+  at::Tensor dx = at::empty({dy.size(0), in_features}, dy.options());
+  linear_grad_input_into(dy, values, col_ptr, row_idx, tslot, in_features, dx);
   return dx;
 }
 
-at::Tensor linear_grad_values(const at::Tensor& dy, const at::Tensor& x_, const at::Tensor& row_ptr,
-                              const at::Tensor& col_idx, const at::Tensor& slot,
-                              at::IntArrayRef block_size) {
-  check_float(dy, "grad_out");
-  check_float(x_, "x");
+// Grad-values of linear and of pointwise convs from dyt = dy^T [out, N] (A rows
+// contiguous along the reduction) and x [N, in].
+at::Tensor linear_grad_values_t(const at::Tensor& dyt, const at::Tensor& x_, const at::Tensor& row_ptr,
+                                const at::Tensor& col_idx, const at::Tensor& slot,
+                                at::IntArrayRef block_size) {
   const at::Tensor x = x_.contiguous();
-  const at::Tensor dyt = permuted(dy, {1, 0}, kTransposeA);  // [out, N]: A rows contiguous along N
   const int64_t in = x.size(1), nnzb = col_idx.numel(), bo = block_size[0], bi = block_size[1];
   check_indices(row_ptr, col_idx, slot, cdiv(in, bi), nnzb, "BSR");
   const int32_t *rp = row_ptr.data_ptr<int32_t>(), *ci = col_idx.data_ptr<int32_t>(),
@@ -424,6 +438,14 @@ at::Tensor linear_grad_values(const at::Tensor& dy, const at::Tensor& x_, const 
   at::Tensor partial = new_grad_values(x, nnzb, bo, bi, n, entries.size());
   grad_values_blocks(dyt, x.data_ptr<float>(), in, in, segs, entries, partial);
   return reduce_splits(partial);
+}
+
+at::Tensor linear_grad_values(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& row_ptr,
+                              const at::Tensor& col_idx, const at::Tensor& slot,
+                              at::IntArrayRef block_size) {
+  check_float(dy, "grad_out");
+  check_float(x, "x");
+  return linear_grad_values_t(permuted(dy, {1, 0}, kTransposeA), x, row_ptr, col_idx, slot, block_size);
 }
 
 // ------------------------------------------------------------------ conv2d
@@ -458,8 +480,10 @@ at::Tensor conv2d_forward(const at::Tensor& x_, const at::Tensor& values_, const
   const ConvGeom g = conv_geom(x_.sizes(), out_channels, kernel, stride, padding, dilation);
   if (g.pointwise()) {  // a linear layer over the pixels of the NHWC input
     const at::Tensor xn = permuted(x_, {0, 2, 3, 1}, kNhwcIn).view({-1, g.cin});
-    const at::Tensor yn = linear_forward(xn, values_, row_ptr, col_idx, slot, bias, out_channels);
-    return to_conv_output(yn.view({g.n, g.oh, g.ow, g.cout}), x_);
+    at::Tensor yn = conv_result_buffer({g.n, g.oh, g.ow, g.cout}, x_);
+    at::Tensor y2d = yn.view({-1, g.cout});
+    linear_forward_into(xn, values_, row_ptr, col_idx, slot, bias, out_channels, y2d);
+    return to_conv_output(yn, x_);
   }
   const int64_t nnzb = values_.size(0), bo = values_.size(1), bi = values_.size(2);
   const int64_t cbpt = cdiv(g.cin, bi), R = row_ptr.numel() - 1;
@@ -507,8 +531,10 @@ at::Tensor conv2d_grad_input(const at::Tensor& dy_, const at::Tensor& values_, c
               "freetickets_cpu: grad_out spatial size does not match the conv geometry");
   if (g.pointwise()) {
     const at::Tensor dyn = permuted(dy_, {0, 2, 3, 1}, kNhwcIn).view({-1, g.cout});
-    const at::Tensor dxn = linear_grad_input(dyn, values_, col_ptr, row_idx, tslot, g.cin);
-    return to_conv_output(dxn.view({g.n, g.h, g.w, g.cin}), dy_);
+    at::Tensor dxn = conv_result_buffer({g.n, g.h, g.w, g.cin}, dy_);
+    at::Tensor dx2d = dxn.view({-1, g.cin});
+    linear_grad_input_into(dyn, values_, col_ptr, row_idx, tslot, g.cin, dx2d);
+    return to_conv_output(dxn, dy_);
   }
   const at::Tensor values = values_.contiguous();
   const int64_t nnzb = values.size(0), bo = values.size(1), bi = values.size(2);
@@ -559,14 +585,12 @@ at::Tensor conv2d_grad_values(const at::Tensor& dy, const at::Tensor& x, const a
   const ConvGeom g = conv_geom(x.sizes(), dy.size(1), kernel, stride, padding, dilation);
   const int64_t nnzb = col_idx.numel(), bo = block_size[0], bi = block_size[1];
   const int64_t cbpt = cdiv(g.cin, bi), M = g.n * g.oh * g.ow;
-  if (g.pointwise())
-    return linear_grad_values(permuted(dy, {0, 2, 3, 1}, kNhwcOut).view({M, g.cout}),
-                              permuted(x, {0, 2, 3, 1}, kNhwcIn).view({M, g.cin}), row_ptr, col_idx,
-                              slot, block_size);
-  check_indices(row_ptr, col_idx, slot, g.taps() * cbpt, nnzb, "BSR");
   // [Cout, M] with M ordered (n, oh, ow): A rows contiguous along the reduction.
   const at::Tensor dyt = permuted(dy, {1, 0, 2, 3}, kTransposeA).view({g.cout, M});
   const at::Tensor xn = permuted(x, {0, 2, 3, 1}, kNhwcIn);  // NHWC: B rows are pixels
+  if (g.pointwise())
+    return linear_grad_values_t(dyt, xn.view({M, g.cin}), row_ptr, col_idx, slot, block_size);
+  check_indices(row_ptr, col_idx, slot, g.taps() * cbpt, nnzb, "BSR");
   const int32_t *rp = row_ptr.data_ptr<int32_t>(), *ci = col_idx.data_ptr<int32_t>(),
                 *sl = slot.data_ptr<int32_t>();
   std::vector<std::vector<Entry>> by_tap(g.taps());
