@@ -8,6 +8,7 @@ from .backends import (
     available_backends,
     use_backend,
 )
+from .dst import DynamicSparseTraining
 from .layout import BlockSparseLayout
 from .nn import SparseConv2d, SparseLinear, densify, sparsify
 from .ops import block_sparse_conv2d, block_sparse_linear, dense_grad_block_norms
@@ -17,6 +18,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BackendUnavailableError",
     "BlockSparseLayout",
+    "DynamicSparseTraining",
     "ReferenceBackendWarning",
     "SparseConv2d",
     "SparseLinear",

@@ -182,3 +182,21 @@ def test_sparsify_leaves_attention_projections_dense():
     status = {r["name"]: r["status"] for r in report.rows}
     assert "not a plain" in status["attn.out_proj"]
     assert isinstance(model["head"], ftk.SparseLinear)
+
+
+def test_wrn28_10_and_wide_resnet50_sparsify():
+    from freetickets_kernels.models import WideResNet, wrn28_10
+
+    model = wrn28_10(num_classes=10)
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(36.5e6, rel=0.01)
+    small = WideResNet(depth=10, widen=2)
+    report = ftk.sparsify(small, density=0.2, block_size=8, exclude=["conv1"])
+    assert report.global_density() < 0.35
+    small(torch.randn(2, 3, 32, 32)).sum().backward()
+    with pytest.raises(ValueError, match="6n \\+ 4"):
+        WideResNet(depth=27)
+    torchvision = pytest.importorskip("torchvision")
+    wide = torchvision.models.wide_resnet50_2(num_classes=10)
+    report = ftk.sparsify(wide, density=0.1, block_size=32, exclude=["conv1"])
+    assert len(report.sparse_layers) > 40
+    assert report.global_density() == pytest.approx(0.1, abs=0.02)

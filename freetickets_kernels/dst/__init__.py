@@ -1,5 +1,6 @@
-"""Dynamic sparse training: per-layer densities (and, next, prune/grow and schedules)."""
+"""Dynamic sparse training: per-layer densities and the prune/grow engine (SET, RigL)."""
 
 from .densities import DISTRIBUTIONS, layer_densities
+from .engine import DynamicSparseTraining
 
-__all__ = ["DISTRIBUTIONS", "layer_densities"]
+__all__ = ["DISTRIBUTIONS", "DynamicSparseTraining", "layer_densities"]

@@ -37,6 +37,40 @@ class BlockSparseModule(nn.Module):
         self.values = nn.Parameter(values)
         self.register_buffer("slot_map", layout.slot_map.clone())
         self._layout = layout
+        self._capture_armed = False
+        self._captured = None  # (op input, grad of op output) of the last armed forward/backward
+
+    # ------------------------------------------------------ gradient capture
+    def arm_gradient_capture(self) -> None:
+        """Keep the op input and output gradient of the next forward/backward, for
+        :meth:`dense_grad_block_norms` (RigL growth).  Costs one batch of activations."""
+        self._capture_armed = True
+        self._captured = None
+
+    def _capture(self, op_input: torch.Tensor, output: torch.Tensor) -> None:
+        if not (self._capture_armed and output.requires_grad):
+            return
+        self._capture_armed = False
+        saved = {"input": op_input.detach()}
+
+        def keep_grad(grad):
+            saved["grad"] = grad.detach()
+
+        output.register_hook(keep_grad)
+        self._captured = saved
+
+    def dense_grad_block_norms(self) -> torch.Tensor:
+        """Block L2 norms ``[R, C]`` of the dense weight gradient of the captured batch."""
+        if not self._captured or "grad" not in self._captured:
+            raise RuntimeError(
+                "no gradient was captured: call arm_gradient_capture() before the forward and "
+                "backward whose gradient should drive growth"
+            )
+        return self._grad_block_norms(self._captured["input"], self._captured["grad"])
+
+    def release_capture(self) -> None:
+        self._capture_armed = False
+        self._captured = None
 
     # ----------------------------------------------------------------- layout
     @property

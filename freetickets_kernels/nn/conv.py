@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layout import BlockSparseLayout, IntPair, block_size_pair, check_density, pair
-from ..ops import block_sparse_conv2d
+from ..ops import block_sparse_conv2d, dense_grad_block_norms
 from .base import BlockSparseModule, dense_init_bias, random_block_mask
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
@@ -109,7 +109,13 @@ class SparseConv2d(BlockSparseModule):
         pad, padding = self._explicit_padding()
         if pad is not None:
             input = F.pad(input, pad, mode="constant" if self.padding_mode == "zeros" else self.padding_mode)
-        return block_sparse_conv2d(input, self.values, self.layout, self.bias, self.stride, padding, self.dilation)
+        out = block_sparse_conv2d(input, self.values, self.layout, self.bias, self.stride, padding, self.dilation)
+        self._capture(input, out)
+        return out
+
+    def _grad_block_norms(self, op_input, grad_output):
+        _, padding = self._explicit_padding()
+        return dense_grad_block_norms(op_input, grad_output, self.layout, self.stride, padding, self.dilation)
 
     def extra_repr(self) -> str:
         s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "

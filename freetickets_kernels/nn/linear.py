@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..layout import BlockSparseLayout, IntPair, block_size_pair, check_density
-from ..ops import block_sparse_linear
+from ..ops import block_sparse_linear, dense_grad_block_norms
 from .base import BlockSparseModule, dense_init_bias, random_block_mask
 
 
@@ -68,7 +68,12 @@ class SparseLinear(BlockSparseModule):
         return dense
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return block_sparse_linear(input, self.values, self.layout, self.bias)
+        out = block_sparse_linear(input, self.values, self.layout, self.bias)
+        self._capture(input, out)
+        return out
+
+    def _grad_block_norms(self, op_input, grad_output):
+        return dense_grad_block_norms(op_input, grad_output, self.layout)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -1,0 +1,183 @@
+"""Dynamic sparse training: prune and regrow blocks every ``update_interval`` steps.
+
+At each update, per layer, the fraction ``rate`` of live blocks with the
+smallest L2 norm is pruned and as many blocks are grown among the dead ones
+(after pruning): at random (SET) or with the largest dense-gradient block norm
+(RigL).  Grown blocks start at zero, and so does their optimizer state; the
+layer's block count, and so the ``values`` parameter's shape, never changes.
+``rate`` follows ``prune_rate`` decayed by ``prune_rate_schedule`` over
+``total_steps``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+
+from ..layout import block_norms
+from ..nn.base import BlockSparseModule
+
+GROWTH = ("random", "gradient")
+SCHEDULES = ("cosine", "constant")
+
+
+class DynamicSparseTraining:
+    """Mask updates (SET / RigL) for every block-sparse layer of ``model``.
+
+    Call :meth:`step` after each ``optimizer.step()``.  ``stop_fraction``
+    stops the updates for the last part of training (RigL stops at 0.75).
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, update_interval: int = 100,
+                 prune_rate: float = 0.3, prune_rate_schedule: str = "cosine", growth: str = "gradient",
+                 total_steps: Optional[int] = None, stop_fraction: float = 1.0, seed: int = 0) -> None:
+        if not isinstance(update_interval, int) or update_interval <= 0:
+            raise ValueError(f"update_interval must be a positive int, got {update_interval!r}")
+        if not 0 <= prune_rate <= 1:
+            raise ValueError(f"prune_rate must be in [0, 1], got {prune_rate!r}")
+        if prune_rate_schedule not in SCHEDULES:
+            raise ValueError(f"prune_rate_schedule must be one of {SCHEDULES}, got {prune_rate_schedule!r}")
+        if growth not in GROWTH:
+            raise ValueError(f"growth must be one of {GROWTH} (random: SET, gradient: RigL), got {growth!r}")
+        if prune_rate_schedule == "cosine" and (not isinstance(total_steps, int) or total_steps <= 0):
+            raise ValueError("the cosine schedule needs total_steps, a positive int")
+        if not 0 < stop_fraction <= 1:
+            raise ValueError(f"stop_fraction must be in (0, 1], got {stop_fraction!r}")
+        self.layers: Dict[str, BlockSparseModule] = {
+            name: m for name, m in model.named_modules() if isinstance(m, BlockSparseModule)
+        }
+        if not self.layers:
+            raise ValueError("the model has no block-sparse layers: call freetickets_kernels.sparsify(model, ...) first")
+        params = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        missing = [n for n, m in self.layers.items() if id(m.values) not in params]
+        if missing:
+            raise ValueError(f"the optimizer does not hold the values of {missing}; build it after sparsify()")
+        self.optimizer = optimizer
+        self.update_interval, self.prune_rate = update_interval, prune_rate
+        self.schedule, self.growth = prune_rate_schedule, growth
+        self.total_steps, self.stop_fraction = total_steps, stop_fraction
+        self.steps = 0
+        self.log: List[dict] = []
+        self.generator = torch.Generator().manual_seed(seed)
+        self._arm_if_update_next()
+
+    # -------------------------------------------------------------- schedule
+    def rate(self, step: Optional[int] = None) -> float:
+        """Prune fraction at ``step`` (default: now)."""
+        step = self.steps if step is None else step
+        if self.schedule == "constant":
+            return self.prune_rate
+        return 0.5 * self.prune_rate * (1 + math.cos(math.pi * min(step, self.total_steps) / self.total_steps))
+
+    def _is_update_step(self, step: int) -> bool:
+        if step % self.update_interval:
+            return False
+        return self.total_steps is None or step < self.stop_fraction * self.total_steps
+
+    def _arm_if_update_next(self) -> None:
+        if self.growth == "gradient" and self._is_update_step(self.steps + 1):
+            for layer in self.layers.values():
+                layer.arm_gradient_capture()
+
+    # ---------------------------------------------------------------- update
+    def step(self) -> Optional[dict]:
+        """Count one training step; on update steps prune and regrow. Returns the update's log entry."""
+        self.steps += 1
+        entry = None
+        if self._is_update_step(self.steps):
+            entry = self.update()
+        self._arm_if_update_next()
+        return entry
+
+    def update(self, rate: Optional[float] = None) -> dict:
+        """Prune ``rate`` (default: the scheduled rate) of every layer's blocks now and regrow as many."""
+        return self._update(self.rate() if rate is None else rate, self.growth, kind="update")
+
+    def explore(self, fraction: float, growth: Optional[str] = None) -> dict:
+        """EDST's global exploration: prune ``fraction`` of each layer's live blocks and regrow as many.
+
+        Gradient growth uses the gradient captured by the last armed
+        forward/backward (arm it with :meth:`arm_gradient_capture`).
+        """
+        if not 0 <= fraction <= 1:
+            raise ValueError(f"fraction must be in [0, 1], got {fraction!r}")
+        growth = growth or self.growth
+        if growth not in GROWTH:
+            raise ValueError(f"growth must be one of {GROWTH}, got {growth!r}")
+        return self._update(fraction, growth, kind="explore")
+
+    def arm_gradient_capture(self) -> None:
+        """Capture the next forward/backward's gradients in every layer (before :meth:`explore`)."""
+        for layer in self.layers.values():
+            layer.arm_gradient_capture()
+
+    @torch.no_grad()
+    def _update(self, rate: float, growth: str, kind: str) -> dict:
+        entry = {"step": self.steps, "kind": kind, "rate": rate, "layers": {}}
+        for name, layer in self.layers.items():
+            layout = layer.layout
+            k = int(rate * layout.nnzb)
+            live = layout.block_mask
+            if k == 0:
+                entry["layers"][name] = {"density": layer.density, "changed": 0}
+                continue
+            # prune: the k live blocks with the smallest L2 norm
+            norms = block_norms(layer.values.detach()).float()
+            live_slots = layout.slot_map[live]
+            order = torch.argsort(norms.to(live_slots.device)[live_slots], stable=True)[:k]
+            drop = torch.zeros_like(live)
+            drop.view(-1)[live.view(-1).nonzero().squeeze(1)[order]] = True
+            candidates = ~(live & ~drop)
+            # grow: k of the dead-after-pruning blocks
+            if growth == "random":
+                cand_idx = candidates.view(-1).nonzero().squeeze(1)
+                pick = cand_idx[torch.randperm(cand_idx.numel(), generator=self.generator)[:k].to(cand_idx.device)]
+            else:
+                scores = layer.dense_grad_block_norms().float().to(live.device)
+                scores = scores.masked_fill(~candidates, float("-inf")).view(-1)
+                pick = torch.topk(scores, k, sorted=False).indices
+            grow = torch.zeros_like(live)
+            grow.view(-1)[pick] = True
+            freed = layout.slot_map[drop]
+            new_layout = layout.replace_blocks(drop, grow)
+            values = layer.values.detach().clone()
+            values[freed.to(values.device)] = 0
+            layer.set_layout(new_layout, values)
+            self._zero_optimizer_state(layer.values, freed)
+            entry["layers"][name] = {"density": layer.density, "changed": int((grow & ~drop).sum())}
+        for layer in self.layers.values():
+            layer.release_capture()
+        self.log.append(entry)
+        return entry
+
+    def _zero_optimizer_state(self, param: torch.Tensor, slots: torch.Tensor) -> None:
+        """Zero the per-element optimizer state (momentum, Adam moments) of regrown slots."""
+        state = self.optimizer.state.get(param, {})
+        for value in state.values():
+            if isinstance(value, torch.Tensor) and value.shape == param.shape:
+                value[slots.to(value.device)] = 0
+
+    # ----------------------------------------------------------- checkpoint
+    def state_dict(self) -> dict:
+        """The engine's own state (layouts live in the model's state_dict, moments in the optimizer's)."""
+        return {"steps": self.steps, "log": self.log, "generator": self.generator.get_state(),
+                "config": {"update_interval": self.update_interval, "prune_rate": self.prune_rate,
+                           "schedule": self.schedule, "growth": self.growth,
+                           "total_steps": self.total_steps, "stop_fraction": self.stop_fraction}}
+
+    def load_state_dict(self, state: dict) -> None:
+        try:
+            config, steps, log, gen = state["config"], state["steps"], state["log"], state["generator"]
+        except KeyError as missing:
+            raise ValueError(f"DST state is missing {missing}; was it saved by DynamicSparseTraining.state_dict()?") from None
+        mine = self.state_dict()["config"]
+        if config != mine:
+            raise ValueError(f"DST state was saved with {config}, this engine has {mine}")
+        self.steps, self.log = steps, list(log)
+        self.generator.set_state(gen)
+        for layer in self.layers.values():
+            layer.release_capture()
+        self._arm_if_update_next()
