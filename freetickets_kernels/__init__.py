@@ -1,7 +1,7 @@
 """freetickets-kernels: block-sparse kernels that make sparse networks fast,
 and FreeTickets ensembles trained on top of them."""
 
-from . import ops
+from . import checkpoint, ops
 from .backends import (
     BackendUnavailableError,
     ReferenceBackendWarning,
@@ -23,6 +23,7 @@ __all__ = [
     "SparseConv2d",
     "SparseLinear",
     "available_backends",
+    "checkpoint",
     "block_sparse_conv2d",
     "block_sparse_linear",
     "dense_grad_block_norms",

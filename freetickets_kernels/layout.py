@@ -320,6 +320,19 @@ class BlockSparseLayout:
         out[slots.to(dev)] = dense_gemm_blocks[rows.to(dev), cols.to(dev)]
         return out
 
+    def valid_mask(self) -> torch.Tensor:
+        """Bool ``[nnzb, Bo, Bi]`` in slot order: True where a value covers a real weight
+        element, False in the ragged-edge padding (which must stay zero)."""
+        rows, cols, slots = self._block_coords()
+        bo, bi = self.block_size
+        rows_ok = (self.out_features - rows * bo).clamp(max=bo)
+        cols_ok = (self.in_features - (cols % self.blocks_per_tap) * bi).clamp(max=bi)
+        r = torch.arange(bo, device=self.device)[None, :, None] < rows_ok[:, None, None]
+        c = torch.arange(bi, device=self.device)[None, None, :] < cols_ok[:, None, None]
+        out = torch.empty(self.values_shape, dtype=torch.bool, device=self.device)
+        out[slots] = r & c
+        return out
+
     def element_mask(self) -> torch.Tensor:
         """Bool tensor of the weight's shape: True inside live blocks."""
         ones = torch.ones(self.values_shape, dtype=torch.float32, device=self.device)
@@ -403,9 +416,13 @@ class BlockSparseLayout:
 # ------------------------------------------------------------------ helpers
 
 
-def check_density(density: float) -> None:
-    if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 <= density <= 1.0:
-        raise ValueError(f"density must be a number in [0, 1], got {density!r}")
+def check_density(density: float, allow_zero: bool = True) -> None:
+    """Layouts may be empty (density 0); layers must keep something (density in (0, 1])."""
+    ok = isinstance(density, (int, float)) and not isinstance(density, bool)
+    low_ok = ok and (density >= 0 if allow_zero else density > 0)
+    if not (low_ok and density <= 1):
+        interval = "[0, 1]" if allow_zero else "(0, 1]"
+        raise ValueError(f"density must be a number in {interval}, got {density!r}")
 
 
 def to_gemm_blocks(weight: torch.Tensor, block_size: Tuple[int, int]) -> torch.Tensor:

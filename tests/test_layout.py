@@ -193,3 +193,9 @@ def test_to_device_returns_same_layout_on_same_device():
     layout = random_layout((8, 8), (4, 4), 0.5)
     assert layout.to("cpu") is layout
     assert random_values(layout).shape == layout.values_shape
+
+
+@pytest.mark.parametrize("shape,block", SHAPES)
+def test_valid_mask_marks_real_elements(shape, block):
+    layout = random_layout(shape, block, 0.6, seed=8)
+    torch.testing.assert_close(layout.valid_mask(), layout.pack(torch.ones(shape)) > 0, rtol=0, atol=0)

@@ -175,6 +175,14 @@ class BlockSparseModule(nn.Module):
                                       unexpected_keys, error_msgs)
 
 
+def init_values(layout: BlockSparseLayout, fan_in: int, device=None, dtype=None) -> torch.Tensor:
+    """nn.Linear / nn.Conv2d's default weight init (kaiming_uniform with a=sqrt(5), which is
+    U(-1/sqrt(fan_in), 1/sqrt(fan_in))) drawn at the live blocks only: no dense weight is built."""
+    bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+    values = torch.empty(layout.values_shape, device=device, dtype=dtype).uniform_(-bound, bound)
+    return values * layout.valid_mask().to(values.device)
+
+
 def dense_init_bias(bias: Optional[torch.Tensor], fan_in: int) -> None:
     """nn.Linear / nn.Conv2d's default bias init."""
     if bias is not None:

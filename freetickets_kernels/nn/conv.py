@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Union
 
 import torch
@@ -11,7 +10,7 @@ from torch import nn
 
 from ..layout import BlockSparseLayout, IntPair, block_size_pair, check_density, pair
 from ..ops import block_sparse_conv2d, dense_grad_block_norms
-from .base import BlockSparseModule, dense_init_bias, random_block_mask
+from .base import BlockSparseModule, dense_init_bias, init_values, random_block_mask
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
@@ -33,7 +32,7 @@ class SparseConv2d(BlockSparseModule):
             raise ValueError(f"SparseConv2d supports groups=1 only, got groups={groups}; keep grouped convs dense")
         if padding_mode not in PADDING_MODES:
             raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
-        check_density(density)
+        check_density(density, allow_zero=False)
         bs = block_size_pair(block_size)
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size = pair(kernel_size, "kernel_size")
@@ -41,11 +40,11 @@ class SparseConv2d(BlockSparseModule):
         self.groups, self.padding_mode = 1, padding_mode
         self.padding = self._resolve_padding(padding)
         factory = dict(device=device, dtype=dtype)
-        dense = torch.empty(out_channels, in_channels, *self.kernel_size, **factory)
-        nn.init.kaiming_uniform_(dense, a=math.sqrt(5))  # nn.Conv2d's init
-        grid = BlockSparseLayout.grid_for(tuple(dense.shape), bs)
-        values, layout = BlockSparseLayout.from_dense(dense, bs, block_mask=random_block_mask(grid, density, dense.device))
-        self._init_sparse(layout, values)
+        grid = BlockSparseLayout.grid_for((out_channels, in_channels, *self.kernel_size), bs)
+        layout = BlockSparseLayout.from_block_mask(random_block_mask(grid, density, device), out_channels,
+                                                   in_channels, bs, self.kernel_size)
+        fan_in = in_channels * self.kernel_size[0] * self.kernel_size[1]
+        self._init_sparse(layout, init_values(layout, fan_in, **factory))
         if bias:
             self.bias = nn.Parameter(torch.empty(out_channels, **factory))
         else:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -10,7 +9,7 @@ from torch import nn
 
 from ..layout import BlockSparseLayout, IntPair, block_size_pair, check_density
 from ..ops import block_sparse_linear, dense_grad_block_norms
-from .base import BlockSparseModule, dense_init_bias, random_block_mask
+from .base import BlockSparseModule, dense_init_bias, init_values, random_block_mask
 
 
 class SparseLinear(BlockSparseModule):
@@ -26,15 +25,14 @@ class SparseLinear(BlockSparseModule):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None,
                  density: float = 0.1, block_size: IntPair = 32) -> None:
         super().__init__()
-        check_density(density)
+        check_density(density, allow_zero=False)
         bs = block_size_pair(block_size)
         self.in_features, self.out_features = in_features, out_features
         factory = dict(device=device, dtype=dtype)
-        dense = torch.empty(out_features, in_features, **factory)
-        nn.init.kaiming_uniform_(dense, a=math.sqrt(5))  # nn.Linear's init
         grid = BlockSparseLayout.grid_for((out_features, in_features), bs)
-        values, layout = BlockSparseLayout.from_dense(dense, bs, block_mask=random_block_mask(grid, density, dense.device))
-        self._init_sparse(layout, values)
+        layout = BlockSparseLayout.from_block_mask(random_block_mask(grid, density, device), out_features,
+                                                   in_features, bs)
+        self._init_sparse(layout, init_values(layout, in_features, **factory))
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features, **factory))
         else:
