@@ -111,6 +111,22 @@ class BlockSparseModule(nn.Module):
             raise ValueError(f"criterion must be 'magnitude' or 'random', got {criterion!r}")
         self.set_layout(layout, values)
 
+    def _take_dense(self, module: nn.Module, density: float, criterion: str) -> "BlockSparseModule":
+        """Keep ``density`` of a dense twin's weight blocks, and its bias."""
+        self.load_dense(module.weight.detach(), density, criterion)
+        if module.bias is not None:
+            with torch.no_grad():
+                self.bias.copy_(module.bias)
+        return self
+
+    def _fill_dense(self, dense: nn.Module) -> nn.Module:
+        """Copy this layer's weight (zeros outside live blocks) and bias into a new dense twin."""
+        with torch.no_grad():
+            dense.weight.copy_(self._layout.unpack(self.values.detach()))
+            if self.bias is not None:
+                dense.bias.copy_(self.bias)
+        return dense
+
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
         if self.slot_map.device != self._layout.device:

@@ -83,26 +83,18 @@ class SparseConv2d(BlockSparseModule):
         """A SparseConv2d keeping ``density`` of ``module``'s blocks (largest L2 norm, or random)."""
         if not isinstance(module, nn.Conv2d):
             raise TypeError(f"from_dense needs an nn.Conv2d, got {type(module).__name__}")
-        w = module.weight.detach()
+        w = module.weight
         new = cls(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
                   module.dilation, module.groups, module.bias is not None, module.padding_mode,
                   device=w.device, dtype=w.dtype, density=density, block_size=block_size)
-        new.load_dense(w, density, criterion)
-        if module.bias is not None:
-            with torch.no_grad():
-                new.bias.copy_(module.bias)
-        return new
+        return new._take_dense(module, density, criterion)
 
     def to_dense(self) -> nn.Conv2d:
         """An ``nn.Conv2d`` computing exactly the same function."""
-        v = self.values.detach()
-        dense = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
-                          self.dilation, 1, self.bias is not None, self.padding_mode, device=v.device, dtype=v.dtype)
-        with torch.no_grad():
-            dense.weight.copy_(self.layout.unpack(v))
-            if self.bias is not None:
-                dense.bias.copy_(self.bias)
-        return dense
+        v = self.values
+        return self._fill_dense(nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride,
+                                          self.padding, self.dilation, 1, self.bias is not None,
+                                          self.padding_mode, device=v.device, dtype=v.dtype))
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         pad, padding = self._explicit_padding()

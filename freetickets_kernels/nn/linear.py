@@ -46,24 +46,16 @@ class SparseLinear(BlockSparseModule):
         (``criterion="magnitude"``) or uniformly at random (``"random"``)."""
         if not isinstance(module, nn.Linear):
             raise TypeError(f"from_dense needs an nn.Linear, got {type(module).__name__}")
-        w = module.weight.detach()
+        w = module.weight
         new = cls(module.in_features, module.out_features, module.bias is not None,
                   device=w.device, dtype=w.dtype, density=density, block_size=block_size)
-        new.load_dense(w, density, criterion)
-        if module.bias is not None:
-            with torch.no_grad():
-                new.bias.copy_(module.bias)
-        return new
+        return new._take_dense(module, density, criterion)
 
     def to_dense(self) -> nn.Linear:
         """An ``nn.Linear`` computing exactly the same function."""
-        v = self.values.detach()
-        dense = nn.Linear(self.in_features, self.out_features, self.bias is not None, device=v.device, dtype=v.dtype)
-        with torch.no_grad():
-            dense.weight.copy_(self.layout.unpack(v))
-            if self.bias is not None:
-                dense.bias.copy_(self.bias)
-        return dense
+        v = self.values
+        return self._fill_dense(nn.Linear(self.in_features, self.out_features, self.bias is not None,
+                                          device=v.device, dtype=v.dtype))
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         out = block_sparse_linear(input, self.values, self.layout, self.bias)
