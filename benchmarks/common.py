@@ -16,8 +16,6 @@ import tempfile
 import time
 from typing import Callable, Dict, List, Sequence
 
-import torch
-
 ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(ROOT))  # run from a checkout without installing
 

@@ -43,7 +43,7 @@ class WideResNet(nn.Module):
         widths = [16, 16 * widen, 32 * widen, 64 * widen]
         self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
         layers, cin = [], widths[0]
-        for stage, (width, stride) in enumerate(zip(widths[1:], (1, 2, 2))):
+        for width, stride in zip(widths[1:], (1, 2, 2)):
             blocks = []
             for i in range(n):
                 blocks.append(_Block(cin, width, stride if i == 0 else 1, dropout))
