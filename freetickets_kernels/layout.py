@@ -156,11 +156,6 @@ class BlockSparseLayout:
         return (math.ceil(self.out_features / self.block_size[0]), self.taps * self.blocks_per_tap)
 
     @property
-    def gemm_shape(self) -> Tuple[int, int]:
-        """(rows, columns) of the unpadded GEMM view of the weight."""
-        return (self.out_features, self.taps * self.in_features)
-
-    @property
     def weight_shape(self) -> Tuple[int, ...]:
         if self.kernel_size is None:
             return (self.out_features, self.in_features)
@@ -186,7 +181,8 @@ class BlockSparseLayout:
     @property
     def density(self) -> float:
         """Fraction of the weight's elements inside live blocks (ragged edges counted exactly)."""
-        return self.element_mask().sum().item() / math.prod(self.weight_shape)
+        rows_ok, cols_ok, _ = self._valid_extents()
+        return (rows_ok * cols_ok).sum().item() / math.prod(self.weight_shape)
 
     def describe(self) -> str:
         kind = "linear" if self.kernel_size is None else f"conv {self.kernel_size[0]}x{self.kernel_size[1]}"
@@ -312,21 +308,19 @@ class BlockSparseLayout:
         blocks[rows, cols] = values[slots]
         return from_gemm_blocks(blocks, self.weight_shape)
 
-    def gather_blocks(self, dense_gemm_blocks: torch.Tensor) -> torch.Tensor:
-        """Pick the live blocks of a ``[R, C, Bo, Bi]`` tensor into slot order."""
-        rows, cols, slots = self._block_coords()
-        dev = dense_gemm_blocks.device
-        out = dense_gemm_blocks.new_empty(self.values_shape)
-        out[slots.to(dev)] = dense_gemm_blocks[rows.to(dev), cols.to(dev)]
-        return out
-
-    def valid_mask(self) -> torch.Tensor:
-        """Bool ``[nnzb, Bo, Bi]`` in slot order: True where a value covers a real weight
-        element, False in the ragged-edge padding (which must stay zero)."""
+    def _valid_extents(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per live block (BSR order): real rows, real columns (ragged edges), slot."""
         rows, cols, slots = self._block_coords()
         bo, bi = self.block_size
         rows_ok = (self.out_features - rows * bo).clamp(max=bo)
         cols_ok = (self.in_features - (cols % self.blocks_per_tap) * bi).clamp(max=bi)
+        return rows_ok, cols_ok, slots
+
+    def valid_mask(self) -> torch.Tensor:
+        """Bool ``[nnzb, Bo, Bi]`` in slot order: True where a value covers a real weight
+        element, False in the ragged-edge padding (which must stay zero)."""
+        rows_ok, cols_ok, slots = self._valid_extents()
+        bo, bi = self.block_size
         r = torch.arange(bo, device=self.device)[None, :, None] < rows_ok[:, None, None]
         c = torch.arange(bi, device=self.device)[None, None, :] < cols_ok[:, None, None]
         out = torch.empty(self.values_shape, dtype=torch.bool, device=self.device)
