@@ -12,11 +12,28 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import freetickets_kernels as ftk
+from freetickets_kernels.backends import BACKENDS
 
 from conftest import random_layout, random_values, run_op
 
-CPU_BACKENDS = [b for b in ("cpu",) if b in ftk.available_backends()]
-pytestmark = pytest.mark.skipif(not CPU_BACKENDS, reason="no CPU backend besides the reference is built")
+
+def _targets():
+    """(backend, device) for every available backend besides the reference: each new backend
+    is fuzzed as soon as it is available, on CPU tensors or, with a GPU, on CUDA tensors."""
+    out = []
+    for name in ftk.available_backends():
+        backend = BACKENDS[name]
+        if name == "reference":
+            continue
+        if backend.supports(torch.device("cpu"), torch.float32):
+            out.append((name, "cpu"))
+        elif torch.cuda.is_available() and backend.supports(torch.device("cuda"), torch.float32):
+            out.append((name, "cuda"))
+    return out
+
+
+TARGETS = _targets()
+pytestmark = pytest.mark.skipif(not TARGETS, reason="no backend besides the reference is available")
 
 
 @pytest.fixture(scope="module")
@@ -29,14 +46,14 @@ def _fuzz_settings(budget):
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 
-def _check(backend, fn, inputs):
+def _check(backend, device, fn, inputs):
     ref = run_op("reference", fn, [t.double() if t is not None else None for t in inputs])
-    got = run_op(backend, fn, inputs)
+    got = run_op(backend, fn, [t.to(device) if t is not None else None for t in inputs])
     for g, r in zip(got, ref):
         if r is None:
             assert g is None
         else:
-            torch.testing.assert_close(g.double(), r, rtol=2e-4, atol=2e-4)
+            torch.testing.assert_close(g.double().cpu(), r, rtol=2e-4, atol=2e-4)
 
 
 densities = st.sampled_from([0.0, 0.05, 0.2, 0.5, 0.8, 1.0])
@@ -68,8 +85,8 @@ def conv_case(draw):
             draw(st.booleans()), channels_last, draw(st.integers(0, 2**16)))
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_fuzz_linear(backend, budget):
+@pytest.mark.parametrize("backend,device", TARGETS)
+def test_fuzz_linear(backend, device, budget):
     @_fuzz_settings(budget)
     @given(linear_case())
     def run(case):
@@ -79,13 +96,14 @@ def test_fuzz_linear(backend, budget):
         g = torch.Generator().manual_seed(seed)
         x = torch.randn(*lead, inn, generator=g)
         bias = torch.randn(out, generator=g) if with_bias else None
-        _check(backend, lambda x, v, b: ftk.block_sparse_linear(x, v, layout, b), [x, values, bias])
+        _check(backend, device, lambda x, v, b: ftk.block_sparse_linear(x, v, layout.to(x.device), b),
+               [x, values, bias])
 
     run()
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_fuzz_conv2d(backend, budget):
+@pytest.mark.parametrize("backend,device", TARGETS)
+def test_fuzz_conv2d(backend, device, budget):
     @_fuzz_settings(budget)
     @given(conv_case())
     def run(case):
@@ -99,6 +117,7 @@ def test_fuzz_conv2d(backend, budget):
             x = x.contiguous(memory_format=torch.channels_last)
         bias = torch.randn(cout, generator=g) if with_bias else None
         geo = (stride, padding, dilation)
-        _check(backend, lambda x, v, b: ftk.block_sparse_conv2d(x, v, layout, b, *geo), [x, values, bias])
+        _check(backend, device, lambda x, v, b: ftk.block_sparse_conv2d(x, v, layout.to(x.device), b, *geo),
+               [x, values, bias])
 
     run()

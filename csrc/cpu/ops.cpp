@@ -132,7 +132,10 @@ at::Tensor conv_result_buffer(at::IntArrayRef nhwc_sizes, const at::Tensor& like
 // contiguous copy.  Mirrors validation.conv_memory_format().
 at::Tensor to_conv_output(const at::Tensor& nhwc, const at::Tensor& like) {
   const at::Tensor nchw = nhwc.permute({0, 3, 1, 2});
-  return strictly_channels_last(like) ? nchw : nchw.contiguous();
+  if (strictly_channels_last(like)) return nchw;  // nhwc is the returned tensor itself
+  // nhwc lives in scratch: always copy out, even where the permuted view is
+  // already contiguous (C == 1 or H*W == 1), or the next op would overwrite it
+  return nchw.clone(at::MemoryFormat::Contiguous);
 }
 
 // ------------------------------------------------------------------ drivers
