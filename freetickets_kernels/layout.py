@@ -198,9 +198,10 @@ class BlockSparseLayout:
     def to(self, device: Union[str, torch.device]) -> "BlockSparseLayout":
         if torch.device(device) == self.device:
             return self
-        return self._with_slot_map(self.slot_map.to(device))
+        return self.with_slot_map(self.slot_map.to(device))
 
-    def _with_slot_map(self, slot_map: torch.Tensor) -> "BlockSparseLayout":
+    def with_slot_map(self, slot_map: torch.Tensor) -> "BlockSparseLayout":
+        """A layout of the same geometry with another ``slot_map`` (validated)."""
         return BlockSparseLayout(
             slot_map, self.out_features, self.in_features, self.block_size, self.kernel_size
         )
@@ -368,7 +369,7 @@ class BlockSparseLayout:
         slot_map = self.slot_map.clone()
         slot_map[drop] = -1
         slot_map[grow] = freed.sort().values
-        return self._with_slot_map(slot_map)
+        return self.with_slot_map(slot_map)
 
     # ----------------------------------------------------------- persistence
     def state(self) -> dict:

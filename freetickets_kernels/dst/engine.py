@@ -79,8 +79,7 @@ class DynamicSparseTraining:
 
     def _arm_if_update_next(self) -> None:
         if self.growth == "gradient" and self._is_update_step(self.steps + 1):
-            for layer in self.layers.values():
-                layer.arm_gradient_capture()
+            self.arm_gradient_capture()
 
     # ---------------------------------------------------------------- update
     def step(self) -> Optional[dict]:
@@ -141,11 +140,9 @@ class DynamicSparseTraining:
                 pick = torch.topk(scores, k, sorted=False).indices
             grow = torch.zeros_like(live)
             grow.view(-1)[pick] = True
-            freed = layout.slot_map[drop]
-            new_layout = layout.replace_blocks(drop, grow)
-            values = layer.values.detach().clone()
-            values[freed.to(values.device)] = 0
-            layer.set_layout(new_layout, values)
+            freed = layout.slot_map[drop]  # the grown blocks take exactly these slots
+            layer.values[freed.to(layer.values.device)] = 0
+            layer.set_layout(layout.replace_blocks(drop, grow))
             self._zero_optimizer_state(layer.values, freed)
             entry["layers"][name] = {"density": layer.density, "changed": int((grow & ~drop).sum())}
         for layer in self.layers.values():

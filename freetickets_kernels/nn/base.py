@@ -38,7 +38,7 @@ class BlockSparseModule(nn.Module):
         self.register_buffer("slot_map", layout.slot_map.clone())
         self._layout = layout
         self._capture_armed = False
-        self._captured = None  # (op input, grad of op output) of the last armed forward/backward
+        self._captured = None  # {"input", "grad"} of the op in the last armed forward/backward
 
     # ------------------------------------------------------ gradient capture
     def arm_gradient_capture(self) -> None:
@@ -130,10 +130,7 @@ class BlockSparseModule(nn.Module):
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
         if self.slot_map.device != self._layout.device:
-            self._layout = BlockSparseLayout(
-                self.slot_map, self._layout.out_features, self._layout.in_features,
-                self._layout.block_size, self._layout.kernel_size,
-            )
+            self._layout = self._layout.with_slot_map(self.slot_map)
         return self
 
     # --------------------------------------------------------------- inspect
@@ -174,10 +171,7 @@ class BlockSparseModule(nn.Module):
         values = state_dict.get(prefix + "values")
         if slot_map is not None:
             try:
-                layout = BlockSparseLayout(
-                    slot_map.to(self.slot_map.device), self._layout.out_features,
-                    self._layout.in_features, self._layout.block_size, self._layout.kernel_size,
-                )
+                layout = self._layout.with_slot_map(slot_map.to(self.slot_map.device))
                 if values is not None:
                     layout.check_values(values)
             except (ValueError, TypeError) as exc:
