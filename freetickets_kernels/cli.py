@@ -4,46 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 from typing import List, Optional
 
 import torch
 
-from . import __version__, backends
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine_info() -> dict:
-    """What a benchmark or a bug report needs to know about this machine."""
-    info = {
-        "freetickets_kernels": __version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cpu": _cpu_model(),
-        "torch_threads": torch.get_num_threads(),
-        "cuda_available": torch.cuda.is_available(),
-    }
-    try:
-        import triton
-
-        info["triton"] = triton.__version__
-    except ImportError:
-        info["triton"] = None
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-        info["cuda"] = torch.version.cuda
-    return info
+from . import __version__, backends, train_command
+from .checkpoint import CheckpointError
+from .machine import machine_info
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -79,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
             "Block-sparse kernels that make sparse networks fast, and FreeTickets "
             "ensembles trained on top of them."
         ),
-        epilog="Run 'freetickets info' first: it shows which kernel backends this machine can use.",
+        epilog=("Run 'freetickets info' first: it shows which kernel backends this machine can use. "
+                "Then 'freetickets train' trains a FreeTickets ensemble; 'freetickets COMMAND --help' explains each."),
     )
     parser.add_argument("--version", action="version", version=f"freetickets-kernels {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -94,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     info.add_argument("--json", action="store_true", help="print machine-readable JSON")
     info.set_defaults(func=cmd_info)
+    train_command.add_parser(sub)
     return parser
 
 
@@ -105,7 +75,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     try:
         return args.func(args)
-    except (ValueError, backends.BackendUnavailableError) as exc:
+    except KeyboardInterrupt:
+        print("\nfreetickets: interrupted; the last epoch's checkpoint is kept: rerun the same command "
+              "with --resume to continue", file=sys.stderr)
+        return 130
+    except (ValueError, FileExistsError, FileNotFoundError, ImportError, CheckpointError,
+            backends.BackendUnavailableError) as exc:
         print(f"freetickets: error: {exc}", file=sys.stderr)
         return 2
 

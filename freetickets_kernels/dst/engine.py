@@ -17,6 +17,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
+from .. import distributed
 from ..layout import block_norms
 from ..nn.base import BlockSparseModule
 
@@ -140,6 +141,9 @@ class DynamicSparseTraining:
                 pick = torch.topk(scores, k, sorted=False).indices
             grow = torch.zeros_like(live)
             grow.view(-1)[pick] = True
+            if distributed.active():  # every rank installs rank 0's choice, bit for bit
+                choice = distributed.broadcast_(torch.stack((drop, grow)).to(torch.uint8))
+                drop, grow = choice[0].bool(), choice[1].bool()
             freed = layout.slot_map[drop]  # the grown blocks take exactly these slots
             layer.values[freed.to(layer.values.device)] = 0
             layer.set_layout(layout.replace_blocks(drop, grow))
@@ -147,6 +151,7 @@ class DynamicSparseTraining:
             entry["layers"][name] = {"density": layer.density, "changed": int((grow & ~drop).sum())}
         for layer in self.layers.values():
             layer.release_capture()
+        self._arm_if_update_next()  # an explore() between steps must not disarm the next update
         self.log.append(entry)
         return entry
 

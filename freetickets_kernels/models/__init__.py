@@ -1,5 +1,48 @@
-"""Models the FreeTickets experiments use that torchvision does not ship."""
+"""Models the FreeTickets experiments use, by name (``build_model``)."""
 
+from __future__ import annotations
+
+from typing import Callable, Dict
+
+from torch import nn
+
+from .small_resnet import SmallResNet
 from .wide_resnet import WideResNet, wrn28_10
 
-__all__ = ["WideResNet", "wrn28_10"]
+__all__ = ["SmallResNet", "WideResNet", "wrn28_10", "MODELS", "build_model"]
+
+
+def _torchvision(name: str) -> Callable[[int, int], nn.Module]:
+    def build(num_classes: int, in_channels: int) -> nn.Module:
+        import torchvision
+
+        model = getattr(torchvision.models, name)(num_classes=num_classes)
+        if in_channels != 3:
+            model.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
+        return model
+    return build
+
+
+def _wrn(depth: int, widen: int) -> Callable[[int, int], nn.Module]:
+    def build(num_classes: int, in_channels: int) -> nn.Module:
+        if in_channels != 3:
+            raise ValueError("the Wide ResNets take 3-channel 32x32 images (CIFAR)")
+        return WideResNet(depth, widen, num_classes)
+    return build
+
+
+MODELS: Dict[str, Callable[[int, int], nn.Module]] = {
+    "small-resnet": lambda num_classes, in_channels: SmallResNet(num_classes, in_channels, width=64, blocks=2),
+    "tiny-resnet": lambda num_classes, in_channels: SmallResNet(num_classes, in_channels, width=16, blocks=1),
+    "wrn-16-8": _wrn(16, 8),
+    "wrn-28-10": _wrn(28, 10),
+    "resnet18": _torchvision("resnet18"),
+    "resnet50": _torchvision("resnet50"),
+}
+
+
+def build_model(name: str, num_classes: int, in_channels: int) -> nn.Module:
+    """A fresh model by name (one of ``MODELS``)."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+    return MODELS[name](num_classes, in_channels)

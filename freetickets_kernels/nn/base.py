@@ -13,8 +13,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .. import backends
-from ..layout import BlockSparseLayout, check_density
+from .. import backends, distributed
+from ..layout import BlockSparseLayout, block_norms, check_density, to_gemm_blocks
 
 
 def random_block_mask(grid, density: float, device=None, generator=None) -> torch.Tensor:
@@ -66,7 +66,11 @@ class BlockSparseModule(nn.Module):
                 "no gradient was captured: call arm_gradient_capture() before the forward and "
                 "backward whose gradient should drive growth"
             )
-        return self._grad_block_norms(self._captured["input"], self._captured["grad"])
+        op_input, grad = self._captured["input"], self._captured["grad"]
+        if distributed.active():  # score the global batch: average the dense gradient over ranks first
+            dense = distributed.all_reduce_mean_(self._dense_weight_grad(op_input, grad))
+            return block_norms(to_gemm_blocks(dense, self.block_size))
+        return self._grad_block_norms(op_input, grad)
 
     def release_capture(self) -> None:
         self._capture_armed = False
@@ -96,7 +100,8 @@ class BlockSparseModule(nn.Module):
                     self.values.data = values.to(self.values.device, self.values.dtype).clone()
             elif layout.nnzb != old.nnzb:
                 raise ValueError("the block count changed: pass the new values too")
-        self.slot_map = layout.slot_map.clone()
+        # in place: DDP holds this buffer (and ``values``) by reference
+        self.slot_map.copy_(layout.slot_map)
         self._layout = layout
 
     def load_dense(self, weight: torch.Tensor, density: float, criterion: str = "magnitude") -> None:

@@ -108,6 +108,11 @@ class SparseConv2d(BlockSparseModule):
         _, padding = self._explicit_padding()
         return dense_grad_block_norms(op_input, grad_output, self.layout, self.stride, padding, self.dilation)
 
+    def _dense_weight_grad(self, op_input, grad_output):
+        _, padding = self._explicit_padding()
+        return torch.nn.grad.conv2d_weight(op_input, list(self.layout.weight_shape), grad_output,
+                                           list(self.stride), list(padding), list(self.dilation))
+
     def extra_repr(self) -> str:
         s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
              f"padding={self.padding}")

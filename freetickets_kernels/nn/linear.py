@@ -64,6 +64,9 @@ class SparseLinear(BlockSparseModule):
     def _grad_block_norms(self, op_input, grad_output):
         return dense_grad_block_norms(op_input, grad_output, self.layout)
 
+    def _dense_weight_grad(self, op_input, grad_output):
+        return grad_output.reshape(-1, self.out_features).t() @ op_input.reshape(-1, self.in_features)
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, {self._sparse_repr()}")

@@ -1,0 +1,161 @@
+"""The result of ``freetickets train``: one table, and results.json, summary.md, reliability.png.
+
+Rows: the dense baseline, every member, the ensemble.  Columns: test
+accuracy, NLL, ECE, training FLOPs, inference FLOPs, parameters and the
+inference latency measured in this run, each with its ratio to dense.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, List, Optional
+
+import torch
+from torch.utils.data import Dataset
+
+from ..flops import count_flops, parameter_count
+from ..machine import machine_info
+from ..results import markdown_table, write_text_atomic
+from .evaluation import inference_latency, member_logits
+from .metrics import ensemble_metrics, single_metrics
+from .training import PlanRunner, RunResult
+
+COLUMNS = ["model", "accuracy", "nll", "ece", "train_flops", "train_flops_x_dense", "inference_flops",
+           "inference_flops_x_dense", "params", "latency_ms", "latency_x_dense"]
+
+
+def _ratio(value: Optional[float], dense: Optional[float]) -> Optional[float]:
+    return None if value is None or not dense else value / dense
+
+
+def summarize(ensemble: RunResult, ensemble_runner: PlanRunner, test: Dataset, example: torch.Tensor,
+              dense: Optional[RunResult] = None, dense_runner: Optional[PlanRunner] = None,
+              latency_repeats: int = 20) -> Dict[str, object]:
+    """Evaluate the members (and the dense baseline) on ``test``; count FLOPs and time inference
+    on ``example`` (one batch)."""
+    device = ensemble_runner.device
+    batch = ensemble_runner.config.batch_size
+    members = [ensemble_runner.member_model(m) for m in ensemble.members]
+    logits, targets = member_logits(members, test, batch, device)
+    metrics = ensemble_metrics(logits, targets)
+    flops = [count_flops(m, example) for m in members]
+    method, m = ensemble.config.method, len(members)
+    train_flops = flops[0].training(ensemble.counters["samples"], ensemble.counters["dense_gradient_samples"])
+    timed = {f"member {i + 1}": [mod] for i, mod in enumerate(members)}
+    timed["ensemble"] = members
+    rows: List[dict] = []
+    calibration = {"ensemble": metrics["calibration"]}
+    dense_row = None
+    if dense is not None:
+        dense_model = dense_runner.member_model(dense.members[0])
+        dense_logits, _ = member_logits([dense_model], test, batch, device)
+        dense_metrics = single_metrics(dense_logits[0], targets)
+        calibration["dense"] = ensemble_metrics(dense_logits, targets)["calibration"]
+        dense_flops = count_flops(dense_model, example)
+        timed = {"dense": [dense_model], **timed}
+        dense_row = {"model": "dense", **dense_metrics,
+                     "train_flops": dense_flops.training(dense.counters["samples"]),
+                     "inference_flops": dense_flops.forward, **parameter_count(dense_model)}
+    latency = inference_latency(timed, example.to(device), repeats=latency_repeats)
+    if dense_row is not None:
+        rows.append(dense_row)
+    for i, (model, f) in enumerate(zip(members, flops)):
+        row = {"model": f"member {i + 1} ({ensemble.members[i]['name']}, epoch {ensemble.members[i]['epoch']})",
+               **single_metrics(logits[i], targets), "inference_flops": f.forward, **parameter_count(model)}
+        if method == "dst":  # independent runs: each member paid its own share
+            row["train_flops"] = train_flops / m
+        rows.append(row)
+    rows.append({"model": f"{method} ensemble (M={m})", "accuracy": metrics["accuracy"], "nll": metrics["nll"],
+                 "ece": metrics["ece"], "train_flops": train_flops,
+                 "inference_flops": sum(f.forward for f in flops),
+                 "params": sum(parameter_count(x)["params"] for x in members),
+                 "dense_params": sum(parameter_count(x)["dense_params"] for x in members)})
+    for row, key in zip(rows, list(timed)):
+        row["latency_ms"] = latency[key] * 1e3
+    ref = rows[0] if dense_row is not None else None
+    for row in rows:
+        for col in ("train_flops", "inference_flops", "latency_ms"):
+            suffix = "train_flops_x_dense" if col == "train_flops" else (
+                "inference_flops_x_dense" if col == "inference_flops" else "latency_x_dense")
+            row[suffix] = _ratio(row.get(col), ref.get(col) if ref else None)
+    return {
+        "method": method, "members": m, "config": vars(ensemble.config).copy(), "rows": rows,
+        "diversity": {"disagreement": metrics["disagreement"], "kl": metrics["kl"],
+                      "member_accuracy": metrics["member_accuracy"]},
+        "calibration": calibration, "counters": {"ensemble": ensemble.counters,
+                                                 "dense": dense.counters if dense else None},
+        "train_seconds": {"ensemble": ensemble.seconds, "dense": dense.seconds if dense else None},
+        "latency_batch": list(example.shape), "machine": machine_info(),
+    }
+
+
+def format_table(summary: Dict[str, object]) -> str:
+    def fmt(v, col):
+        if v is None:
+            return "-"
+        if col in ("accuracy", "ece"):
+            return f"{v:.4f}"
+        if col == "nll":
+            return f"{v:.4f}"
+        if col.endswith("x_dense"):
+            return f"{v:.2f}x"
+        if col in ("train_flops", "inference_flops"):
+            return f"{v:.3g}"
+        if col == "latency_ms":
+            return f"{v:.2f}"
+        return str(v)
+
+    cols = ["model", "accuracy", "nll", "ece", "train_flops", "train_flops_x_dense", "inference_flops",
+            "inference_flops_x_dense", "params", "latency_ms", "latency_x_dense"]
+    heads = ["model", "acc", "NLL", "ECE", "train FLOPs", "(x dense)", "infer FLOPs/sample", "(x dense)",
+             "params", "latency ms", "(x dense)"]
+    cells = [[fmt(r.get(c), c) for c in cols] for r in summary["rows"]]
+    widths = [max(len(h), *(len(row[i]) for row in cells)) for i, h in enumerate(heads)]
+    line = lambda vals: "  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(vals, widths)))  # noqa: E731
+    div = summary["diversity"]
+    out = [line(heads), line(["-" * w for w in widths])] + [line(c) for c in cells]
+    out.append(f"members disagree on {div['disagreement']:.2%} of test samples; mean pairwise KL {div['kl']:.4f}")
+    out.append(f"latency: one batch of {summary['latency_batch'][0]} samples, median of repeats, this machine")
+    return "\n".join(out)
+
+
+def reliability_png(calibration: Dict[str, List[dict]], path: str) -> None:
+    """Reliability diagram: accuracy against confidence per bin, one panel per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(calibration), figsize=(4.2 * len(calibration), 4), squeeze=False)
+    for ax, (name, bins) in zip(axes[0], calibration.items()):
+        width = bins[0]["hi"] - bins[0]["lo"]
+        lefts = [b["lo"] for b in bins]
+        ax.bar(lefts, [b["accuracy"] if b["count"] else 0 for b in bins], width=width, align="edge",
+               edgecolor="black", label="accuracy")
+        ax.bar(lefts, [abs(b["confidence"] - b["accuracy"]) if b["count"] else 0 for b in bins], width=width,
+               bottom=[min(b["accuracy"], b["confidence"]) for b in bins], align="edge", color="tab:red",
+               alpha=0.3, label="|confidence - accuracy|")
+        ax.plot([0, 1], [0, 1], "k--", linewidth=1)
+        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy", title=name)
+        ax.legend(loc="upper left")
+    fig.tight_layout()
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def write_outputs(summary: Dict[str, object], out_dir: str) -> Dict[str, str]:
+    """results.json, summary.md and reliability.png under ``out_dir``; returns their paths."""
+    paths = {"json": os.path.join(out_dir, "results.json"), "md": os.path.join(out_dir, "summary.md"),
+             "png": os.path.join(out_dir, "reliability.png")}
+    write_text_atomic(paths["json"], json.dumps(summary, indent=2, default=str))
+    info = summary["machine"]
+    md = [f"# freetickets train: {summary['method']} ensemble, M={summary['members']}", ""]
+    md += [f"- {k}: {v}" for k, v in info.items()]
+    md += ["", "```", format_table(summary), "```", "", markdown_table(summary["rows"], COLUMNS), "",
+           "![reliability diagram](reliability.png)", ""]
+    write_text_atomic(paths["md"], "\n".join(md))
+    reliability_png(summary["calibration"], paths["png"])
+    return paths

@@ -1,0 +1,182 @@
+"""``freetickets train``: the dense baseline and a FreeTickets ensemble, then one table."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+from . import distributed
+from .data import DATASETS, load_splits
+from .ensemble.training import METHODS, PlanRunner, TrainConfig
+from .models import MODELS, build_model
+
+# What an unflagged run uses per data set: the digits values keep the default
+# run under ten minutes on two CPU cores; the CIFAR ones are the paper's recipe.
+PRESETS = {
+    "digits": {"epochs": 60, "explore_epochs": 30, "batch_size": 64, "update_interval": 25},
+    "cifar10": {"epochs": 250, "explore_epochs": 100, "batch_size": 128, "update_interval": 1000},
+    "cifar100": {"epochs": 250, "explore_epochs": 100, "batch_size": 128, "update_interval": 1000},
+}
+
+EXAMPLES = """\
+examples:
+  freetickets train                                  # EDST (M=3) + dense baseline on the digits, ~2 min on 2 CPU cores
+  freetickets train --method dst --members 3         # DST Ensemble: 3 independent sparse runs
+  freetickets train --resume --out runs/edst-digits  # continue an interrupted run
+  freetickets train --dataset cifar10 --data-dir ~/data --download --model wrn-28-10 \\
+      --density 0.2 --device cuda                    # the paper's CIFAR-10 setting, on a GPU
+  torchrun --nproc-per-node 2 -m freetickets_kernels.cli train   # two processes (DDP)
+
+The run directory (--out) gets checkpoint.pt after every epoch, members/*.pt
+as members are found, then results.json, summary.md and reliability.png."""
+
+
+def _block_size(text: str):
+    try:
+        parts = [int(p) for p in text.lower().replace("x", ",").split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"block size must be N or BoxBi (e.g. 16 or 32x16), got {text!r}") from None
+    if len(parts) not in (1, 2) or min(parts) <= 0:
+        raise argparse.ArgumentTypeError(f"block size must be positive: N or BoxBi, got {text!r}")
+    return parts * 2 if len(parts) == 1 else parts
+
+
+def _density(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"density must be in (0, 1], got {text}")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "train", help="train a dense baseline and a DST / EDST ensemble, and compare them",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
+        description=(
+            "Train the dense baseline and a FreeTickets ensemble of block-sparse networks, then print one "
+            "table: test accuracy, NLL, ECE, training and inference FLOPs, parameters and measured inference "
+            "latency (dense single vs each member vs the ensemble).  With no flags: scikit-learn's handwritten "
+            "digits (shipped with scikit-learn, no download) and a small ResNet."))
+    g = p.add_argument_group("what to train")
+    g.add_argument("--method", choices=METHODS, default="edst",
+                   help="edst: one run, M members (default); dst: M independent sparse runs; dense: baseline only")
+    g.add_argument("--model", choices=sorted(MODELS), default="small-resnet", help="default: small-resnet")
+    g.add_argument("--dataset", choices=DATASETS, default="digits", help="default: digits")
+    g.add_argument("--data-dir", default="./data", help="where CIFAR lives (default ./data)")
+    g.add_argument("--download", action="store_true", help="download CIFAR into --data-dir if missing")
+    g.add_argument("--no-baseline", action="store_true", help="skip the dense baseline")
+    g = p.add_argument_group("sparsity")
+    g.add_argument("--density", type=_density, default=0.2, help="kept fraction of the weights (default 0.2)")
+    g.add_argument("--block-size", type=_block_size, default=[16, 16], help="N or BoxBi (default 16)")
+    g.add_argument("--distribution", choices=("erk", "er", "uniform"), default="erk",
+                   help="per-layer densities (default erk)")
+    g.add_argument("--growth", choices=("gradient", "random"), default="gradient",
+                   help="gradient: RigL (default); random: SET")
+    g.add_argument("--update-interval", type=_positive, help="iterations between DST updates "
+                   "(default 1000; 25 on digits, whose epoch is 20 iterations)")
+    g.add_argument("--prune-rate", type=float, default=0.5, help="initial prune rate, cosine-decayed (default 0.5)")
+    g.add_argument("--explore-fraction", type=float, default=0.8,
+                   help="EDST global exploration: fraction of live blocks moved (default 0.8)")
+    g = p.add_argument_group("schedule")
+    g.add_argument("--members", type=_positive, default=3, help="ensemble size M (default 3)")
+    g.add_argument("--epochs", type=_positive, help="epochs of one training; EDST's whole run "
+                   "(default 250; 40 on digits)")
+    g.add_argument("--explore-epochs", type=_positive, help="EDST exploration epochs (default 100; 16 on digits)")
+    g.add_argument("--batch-size", type=_positive, help="per process (default 128; 64 on digits)")
+    g.add_argument("--lr", type=float, default=0.1, help="peak learning rate (default 0.1)")
+    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--weight-decay", type=float, default=5e-4)
+    g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("running")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu or cuda[:N] (default: cuda when available)")
+    g.add_argument("--threads", type=_positive, help="CPU threads (default: torch's)")
+    g.add_argument("--out", help="run directory (default runs/<method>-<dataset>)")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
+    g.add_argument("--latency-repeats", type=_positive, default=20, help="timed forwards per model (default 20)")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def _check_requirements(dataset: str) -> None:
+    missing = []
+    for module, why in (("matplotlib", "the reliability diagram"),
+                        ("sklearn", "the digits data set") if dataset == "digits" else ("torchvision", "CIFAR")):
+        try:
+            __import__(module)
+        except ImportError:
+            missing.append(f"{module} ({why})")
+    if missing:
+        raise ValueError(f"missing {', '.join(missing)}: pip install 'freetickets-kernels[train]'")
+
+
+def _device(text: str) -> torch.device:
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise ValueError(f"--device must be cpu or cuda[:N], got {text!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda, but torch sees no CUDA GPU here; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu or cuda[:N], got {text!r}")
+    return device
+
+
+def run(args: argparse.Namespace) -> int:
+    from .ensemble.report import format_table, summarize, write_outputs
+
+    _check_requirements(args.dataset)
+    device = _device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if distributed.init_from_env(device.type) and device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    preset = PRESETS[args.dataset]
+    for key in preset:
+        if getattr(args, key) is None:
+            setattr(args, key, preset[key])
+    out = args.out or os.path.join("runs", f"{args.method}-{args.dataset}")
+    common = dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
+                  weight_decay=args.weight_decay, density=args.density, block_size=args.block_size,
+                  distribution=args.distribution, growth=args.growth, update_interval=args.update_interval,
+                  prune_rate=args.prune_rate, explore_fraction=args.explore_fraction, seed=args.seed,
+                  explore_epochs=args.explore_epochs, members=args.members)
+    ensemble_cfg = TrainConfig(method=args.method, **common)
+    splits = load_splits(args.dataset, args.data_dir, args.download, seed=args.seed)
+    model_fn = lambda: build_model(args.model, splits.num_classes, splits.in_channels)  # noqa: E731
+    say = print if distributed.is_main() else (lambda *a, **k: None)
+
+    def runner(cfg: TrainConfig, sub: str) -> PlanRunner:
+        return PlanRunner(cfg, model_fn, splits.train, splits.val, os.path.join(out, sub), device,
+                          progress=not args.quiet)
+
+    say(f"freetickets train: {args.method} on {args.dataset} ({len(splits.train)} train / {len(splits.val)} val / "
+        f"{len(splits.test)} test), model {args.model}, density {args.density}, blocks "
+        f"{args.block_size[0]}x{args.block_size[1]}, {distributed.world_size()} process(es), {device}; "
+        f"run directory {out}")
+    dense = dense_runner = None
+    if args.method != "dense" and not args.no_baseline:
+        dense_runner = runner(TrainConfig(method="dense", **common), "dense")
+        dense = dense_runner.run(resume=args.resume)
+    ens_runner = runner(ensemble_cfg, args.method)
+    ensemble = ens_runner.run(resume=args.resume)
+    if not distributed.is_main():
+        return 0
+    example = torch.stack([splits.test[i][0] for i in range(min(args.batch_size, len(splits.test)))])
+    summary = summarize(ensemble, ens_runner, splits.test, example, dense, dense_runner,
+                        latency_repeats=args.latency_repeats)
+    print()
+    print(format_table(summary))
+    paths = write_outputs(summary, out)
+    print(f"\nwrote {paths['json']}, {paths['md']}, {paths['png']}", file=sys.stderr)
+    return 0

@@ -1,0 +1,69 @@
+"""``freetickets train`` end to end on a tiny configuration of the default data set."""
+
+import json
+
+import pytest
+
+from freetickets_kernels.cli import main
+
+pytest.importorskip("sklearn")
+pytest.importorskip("matplotlib")
+
+TINY = ["train", "--model", "tiny-resnet", "--epochs", "3", "--explore-epochs", "1", "--members", "2",
+        "--block-size", "8", "--update-interval", "5", "--latency-repeats", "2", "--quiet"]
+
+
+def test_train_smoke(tmp_path, capsys):
+    assert main(TINY + ["--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    for text in ("dense", "member 1", "member 2", "edst ensemble (M=2)", "ECE", "latency ms"):
+        assert text in out
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [r["model"].split(" (")[0] for r in results["rows"]] == ["dense", "member 1", "member 2",
+                                                                     "edst ensemble"]
+    ens = results["rows"][-1]
+    assert 0 < ens["train_flops_x_dense"] < 1 and 0 < ens["inference_flops_x_dense"] < 2
+    assert (tmp_path / "summary.md").read_text().startswith("# freetickets train")
+    assert (tmp_path / "reliability.png").read_bytes()[:4] == b"\x89PNG"
+    # a second run into the same directory is refused; --resume finds it complete
+    assert main(TINY + ["--out", str(tmp_path)]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert main(TINY + ["--out", str(tmp_path), "--resume"]) == 0
+
+
+def _exit_code(argv):
+    try:
+        return main(argv)
+    except SystemExit as exit:  # argparse rejects a value before main() runs
+        return exit.code
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--density", "0"], "density must be in (0, 1]"),
+    (["--density", "1.5"], "density must be in (0, 1]"),
+    (["--block-size", "0"], "block size must be positive"),
+    (["--model", "vgg"], "invalid choice"),
+    (["--epochs", "4", "--explore-epochs", "1", "--members", "2"], "multiple of members"),
+])
+def test_bad_options_fail_in_one_line(tmp_path, capsys, flags, message):
+    assert _exit_code(TINY + ["--out", str(tmp_path)] + flags) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[-1]
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_cuda_without_gpu_is_a_clear_error(tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert _exit_code(TINY + ["--out", str(tmp_path), "--device", "cuda"]) == 2
+    assert "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_train_help_teaches(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    for text_piece in ("--resume", "--method", "edst", "digits", "torchrun", "reliability.png"):
+        assert text_piece in text
