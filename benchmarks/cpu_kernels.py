@@ -1,170 +1,21 @@
-"""CPU kernel suite: block-sparse linear and conv2d vs dense torch and torch.sparse BSR.
+"""CPU kernel suite (``freetickets bench kernels``), writing to benchmarks/results/ by default.
 
-Each row: median time of our op and of the dense torch op (F.linear / F.conv2d
-on the densified weight, same threads) measured in the same run, the speedup,
-the ideal 1/density, and for linear rows the speedup of torch.sparse BSR.
-"fwd" times the forward; "fwd+bwd" a training step of the op (forward, then
-backward to the input and the weights).
-
-    python benchmarks/cpu_kernels.py                 # the full suite (~15 min on 2 cores)
-    python benchmarks/cpu_kernels.py --quick         # a few rows, to check it runs
+    python benchmarks/cpu_kernels.py [--quick] [--help]
 """
 
-from __future__ import annotations
-
 import argparse
-import itertools
 import os
 import sys
-import warnings
 
-import torch
-import torch.nn.functional as F
+from common import ROOT
 
-from common import ROOT, median_seconds, progress, write_results
-
-import freetickets_kernels as ftk  # noqa: E402  (common puts the checkout on the path)
-from freetickets_kernels.layout import BlockSparseLayout  # noqa: E402
-
-DENSITIES = [0.5, 0.3, 0.2, 0.1, 0.05]
-# (tokens, in, out)
-LINEAR_SHAPES = [(32, 4096, 4096), (256, 1024, 1024), (256, 4096, 4096), (4096, 1024, 1024)]
-# (name, batch, cin, cout, kernel, hw, stride, padding)
-CONV_SHAPES = [
-    ("wrn 160->160 3x3 @32", 32, 160, 160, 3, 32, 1, 1),
-    ("wrn 320->320 3x3 @16", 32, 320, 320, 3, 16, 1, 1),
-    ("wrn 640->640 3x3 @8", 32, 640, 640, 3, 8, 1, 1),
-    ("resnet 64->64 3x3 @32", 32, 64, 64, 3, 32, 1, 1),
-    ("resnet50 256->256 3x3 @14", 32, 256, 256, 3, 14, 1, 1),
-    ("resnet50 256->1024 1x1 @14", 32, 256, 1024, 1, 14, 1, 0),
-    ("resnet50 1024->256 1x1 @14", 32, 1024, 256, 1, 14, 1, 0),
-]
-QUICK_LINEAR = [(32, 1024, 1024)]
-QUICK_CONV = [("resnet 64->64 3x3 @16", 8, 64, 64, 3, 16, 1, 1)]
-
-
-def _train_step(fn, *leaves):
-    """Forward + backward to every leaf, as one training step of the op does."""
-
-    def step():
-        for t in leaves:
-            t.grad = None
-        fn().sum().backward()
-
-    return step
-
-
-def bench_linear(tokens, inn, out, block, density, passes, repeats, dense_cache):
-    w = torch.randn(out, inn)
-    values, layout = BlockSparseLayout.from_dense(w, block, density=density)
-    wd = layout.unpack(values)
-    x = torch.randn(tokens, inn)
-    rows = []
-    for p in passes:
-        key = ("linear", tokens, inn, out, p)
-        if p == "fwd":
-            ours = median_seconds(lambda: ftk.block_sparse_linear(x, values, layout), repeats)
-            if key not in dense_cache:
-                dense_cache[key] = median_seconds(lambda: F.linear(x, wd), repeats)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # torch.sparse BSR is "beta"
-                w_bsr = wd.to_sparse_bsr((block, block))
-                bsr = median_seconds(lambda: F.linear(x, w_bsr), repeats)
-        else:
-            xg, vg, wg = x.clone().requires_grad_(), values.clone().requires_grad_(), wd.clone().requires_grad_()
-            ours = median_seconds(_train_step(lambda: ftk.block_sparse_linear(xg, vg, layout), xg, vg), repeats)
-            if key not in dense_cache:
-                dense_cache[key] = median_seconds(_train_step(lambda: F.linear(xg, wg), xg, wg), repeats)
-            bsr = None
-        dense = dense_cache[key]
-        rows.append(dict(op="linear", shape=f"{tokens}x{inn}->{out}", block=block, density=density,
-                         layout_density=round(layout.density, 4), **{"pass": p},
-                         ours_ms=ours * 1e3, dense_ms=dense * 1e3, speedup=dense / ours,
-                         ideal=1 / density, bsr_speedup=(dense / bsr) if bsr else None))
-    return rows
-
-
-def bench_conv(spec, block, density, passes, repeats, dense_cache, memory_format):
-    name, batch, cin, cout, k, hw, stride, padding = spec
-    w = torch.randn(cout, cin, k, k)
-    values, layout = BlockSparseLayout.from_dense(w, block, density=density)
-    wd = layout.unpack(values)
-    fmt = torch.channels_last if memory_format == "channels_last" else torch.contiguous_format
-    x = torch.randn(batch, cin, hw, hw).contiguous(memory_format=fmt)
-    rows = []
-    for p in passes:
-        key = ("conv", name, batch, p, memory_format)
-        if p == "fwd":
-            ours = median_seconds(lambda: ftk.block_sparse_conv2d(x, values, layout, None, stride, padding), repeats)
-            if key not in dense_cache:
-                dense_cache[key] = median_seconds(lambda: F.conv2d(x, wd, None, stride, padding), repeats)
-        else:
-            xg, vg, wg = x.clone().requires_grad_(), values.clone().requires_grad_(), wd.clone().requires_grad_()
-            ours = median_seconds(
-                _train_step(lambda: ftk.block_sparse_conv2d(xg, vg, layout, None, stride, padding), xg, vg), repeats)
-            if key not in dense_cache:
-                dense_cache[key] = median_seconds(
-                    _train_step(lambda: F.conv2d(xg, wg, None, stride, padding), xg, wg), repeats)
-        dense = dense_cache[key]
-        rows.append(dict(op="conv2d", shape=f"{name} b{batch} {memory_format}", block=block, density=density,
-                         layout_density=round(layout.density, 4), **{"pass": p},
-                         ours_ms=ours * 1e3, dense_ms=dense * 1e3, speedup=dense / ours,
-                         ideal=1 / density, bsr_speedup=None))
-    return rows
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
-                        help="torch threads for ours and dense alike (default: %(default)s)")
-    parser.add_argument("--repeats", type=int, default=7, help="timed runs per measurement; the median is kept")
-    parser.add_argument("--densities", type=float, nargs="+", default=DENSITIES)
-    parser.add_argument("--ops", nargs="+", choices=["linear", "conv2d"], default=["linear", "conv2d"])
-    parser.add_argument("--passes", nargs="+", choices=["fwd", "fwd+bwd"], default=["fwd", "fwd+bwd"])
-    parser.add_argument("--formats", nargs="+", choices=["nchw", "channels_last"], default=["nchw", "channels_last"],
-                        help="conv input memory format; dense F.conv2d gets the same input")
-    parser.add_argument("--quick", action="store_true", help="one small shape per op: checks the script runs")
-    parser.add_argument("--out", default=os.path.join(ROOT, "results"), help="directory for JSON + Markdown")
-    parser.add_argument("--name", default=None, help="result file name (default: cpu_kernels[_quick])")
-    args = parser.parse_args(argv)
-    for d in args.densities:
-        if not 0 < d <= 1:
-            parser.error(f"density must be in (0, 1], got {d}")
-    if args.threads <= 0 or args.repeats <= 0:
-        parser.error("--threads and --repeats must be positive")
-    if "cpu" not in ftk.available_backends():
-        parser.error("the C++ CPU backend is not built: pip install --no-build-isolation -e .")
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-
-    jobs = []
-    if "linear" in args.ops:
-        for shape, block in itertools.product(QUICK_LINEAR if args.quick else LINEAR_SHAPES, (16, 32, 64)):
-            jobs += [("linear", shape, block, d) for d in args.densities]
-    if "conv2d" in args.ops:
-        for spec, fmt, block in itertools.product(QUICK_CONV if args.quick else CONV_SHAPES, args.formats, (16, 32)):
-            jobs += [("conv2d", (spec, fmt), block, d) for d in args.densities]
-    rows, dense_cache = [], {}
-    with ftk.use_backend("cpu"):
-        for op, shape, block, density in progress(jobs, "cpu kernels"):
-            if op == "linear":
-                rows += bench_linear(*shape, block, density, args.passes, args.repeats, dense_cache)
-            else:
-                spec, fmt = shape
-                rows += bench_conv(spec, block, density, args.passes, args.repeats, dense_cache, fmt)
-    columns = ["op", "shape", "pass", "block", "density", "ours_ms", "dense_ms", "speedup", "ideal", "bsr_speedup"]
-    from freetickets_kernels.backends import cpu
-
-    notes = (f"float32, {args.threads} threads, median of {args.repeats}; dense = F.linear/F.conv2d on the "
-             f"densified weight; bsr_speedup = torch.sparse BSR F.linear vs dense. cpu backend: {cpu.build_info()}")
-    name = args.name or ("cpu_kernels_quick" if args.quick else "cpu_kernels")
-    paths = write_results(name, rows, columns, args.out, notes)
-    from common import markdown_table
-
-    print(markdown_table(rows, columns))
-    print(f"\nwrote {paths['json']} and {paths['md']}")
-    return 0
-
+from freetickets_kernels.bench import kernels  # noqa: E402  (common puts the checkout on the path)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    parser = argparse.ArgumentParser(description=kernels.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    kernels.add_arguments(parser, os.path.join(ROOT, "results"))
+    args = parser.parse_args()
+    try:
+        sys.exit(kernels.run(args))
+    except ValueError as exc:
+        parser.error(str(exc))

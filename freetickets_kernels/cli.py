@@ -9,7 +9,7 @@ from typing import List, Optional
 
 import torch
 
-from . import __version__, backends, train_command
+from . import __version__, backends, bench_command, train_command
 from .checkpoint import CheckpointError
 from .machine import machine_info
 
@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print machine-readable JSON")
     info.set_defaults(func=cmd_info)
     train_command.add_parser(sub)
+    bench_command.add_parser(sub)
     return parser
 
 

@@ -157,3 +157,16 @@ def test_pointwise_conv_runs_as_linear(hw, channels_last):
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     _compare(lambda x, v, b: ftk.block_sparse_conv2d(x, v, layout, b), [x, values, torch.randn(96)])
+
+
+def test_scratch_first_allocated_under_inference_mode_is_reusable_outside():
+    # regression: per-thread scratch first allocated inside torch.inference_mode() was an
+    # inference tensor, and the next call made outside inference mode failed to write to it
+    torch.manual_seed(0)
+    conv = ftk.SparseConv2d(8, 8, 3, padding=1, density=0.5, block_size=4)
+    big = torch.randn(64, 8, 40, 40)  # larger than anything earlier tests left in scratch
+    with torch.inference_mode():
+        conv(big)
+    out = conv(big.requires_grad_())
+    out.sum().backward()
+    assert big.grad is not None

@@ -181,3 +181,33 @@ def test_configuration_errors():
         dst.load_state_dict(bad)
     with pytest.raises(ValueError, match="missing"):
         dst.load_state_dict({})
+
+
+def _slot_maps(model):
+    return [m.slot_map.clone() for m in model.modules() if isinstance(m, ftk.nn.base.BlockSparseModule)]
+
+
+def test_update_skipped_when_grad_scaler_found_inf():
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    dst = ftk.DynamicSparseTraining(model, opt, update_interval=1, prune_rate_schedule="constant")
+    x, y = _data()
+    F.cross_entropy(model(x), y).backward()
+    before = _slot_maps(model)
+    entry = dst.step(found_inf=True)
+    assert entry["kind"] == "skipped" and "inf" in entry["why"]
+    assert all(torch.equal(a, b) for a, b in zip(before, _slot_maps(model)))
+    F.cross_entropy(model(x), y).backward()
+    assert dst.step()["kind"] == "update"  # the next step updates again
+
+
+def test_update_skipped_when_growth_gradient_is_not_finite():
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    dst = ftk.DynamicSparseTraining(model, opt, update_interval=1, prune_rate_schedule="constant")
+    x, y = _data()
+    (F.cross_entropy(model(x), y) * float("inf")).backward()  # what an overflowing fp16 scaled loss gives
+    before = _slot_maps(model)
+    entry = dst.step()
+    assert entry["kind"] == "skipped" and "non-finite" in entry["why"]
+    assert all(torch.equal(a, b) for a, b in zip(before, _slot_maps(model)))

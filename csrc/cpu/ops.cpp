@@ -7,6 +7,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/core/InferenceMode.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -103,8 +104,12 @@ at::Tensor scratch(Scratch which, at::IntArrayRef sizes, const at::TensorOptions
   int64_t numel = 1;
   for (int64_t d : sizes) numel *= d;
   at::Tensor& buf = buffers[which];
-  if (!buf.defined() || buf.numel() < numel || buf.options().dtype() != options.dtype())
+  if (!buf.defined() || buf.numel() < numel || buf.options().dtype() != options.dtype()) {
+    // A normal tensor even under torch.inference_mode(): an inference tensor
+    // could not be written to by a later call made outside it.
+    c10::InferenceMode normal_tensors(false);
     buf = at::empty({std::max<int64_t>(numel, 1)}, options);
+  }
   return buf.narrow(0, 0, numel).view(sizes);
 }
 

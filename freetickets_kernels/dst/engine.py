@@ -83,13 +83,29 @@ class DynamicSparseTraining:
             self.arm_gradient_capture()
 
     # ---------------------------------------------------------------- update
-    def step(self) -> Optional[dict]:
-        """Count one training step; on update steps prune and regrow. Returns the update's log entry."""
+    def step(self, found_inf: bool = False) -> Optional[dict]:
+        """Count one training step; on update steps prune and regrow. Returns the update's log entry.
+
+        With mixed precision pass ``found_inf=True`` when ``torch.amp.GradScaler``
+        skipped this step (its scale dropped in ``update()``): the mask update
+        is then skipped and logged, as it is whenever the gradient that would
+        drive growth is not finite.
+        """
         self.steps += 1
         entry = None
         if self._is_update_step(self.steps):
-            entry = self.update()
+            if found_inf:
+                entry = self._skip("the grad scaler found inf/NaN gradients")
+            else:
+                entry = self.update()
         self._arm_if_update_next()
+        return entry
+
+    def _skip(self, why: str) -> dict:
+        for layer in self.layers.values():
+            layer.release_capture()
+        entry = {"step": self.steps, "kind": "skipped", "why": why, "layers": {}}
+        self.log.append(entry)
         return entry
 
     def update(self, rate: Optional[float] = None) -> dict:
@@ -116,6 +132,15 @@ class DynamicSparseTraining:
 
     @torch.no_grad()
     def _update(self, rate: float, growth: str, kind: str) -> dict:
+        scores = {}
+        if growth == "gradient":
+            scores = {name: layer.dense_grad_block_norms().float() for name, layer in self.layers.items()}
+            # (under torch.distributed the scores are already averaged, so every rank agrees here)
+            bad = [name for name, s in scores.items() if not torch.isfinite(s).all()]
+            if bad:
+                entry = self._skip(f"non-finite gradient in {bad}")
+                self._arm_if_update_next()
+                return entry
         entry = {"step": self.steps, "kind": kind, "rate": rate, "layers": {}}
         for name, layer in self.layers.items():
             layout = layer.layout
@@ -136,9 +161,8 @@ class DynamicSparseTraining:
                 cand_idx = candidates.view(-1).nonzero().squeeze(1)
                 pick = cand_idx[torch.randperm(cand_idx.numel(), generator=self.generator)[:k].to(cand_idx.device)]
             else:
-                scores = layer.dense_grad_block_norms().float().to(live.device)
-                scores = scores.masked_fill(~candidates, float("-inf")).view(-1)
-                pick = torch.topk(scores, k, sorted=False).indices
+                score = scores[name].to(live.device).masked_fill(~candidates, float("-inf")).view(-1)
+                pick = torch.topk(score, k, sorted=False).indices
             grow = torch.zeros_like(live)
             grow.view(-1)[pick] = True
             if distributed.active():  # every rank installs rank 0's choice, bit for bit

@@ -194,10 +194,12 @@ class PlanRunner:
             counters["steps"] += 1
             if self.dst is not None:
                 entry = self.dst.step()
-                if entry is not None:
+                if entry is not None and self.config.growth == "gradient":
+                    counters["dense_gradient_samples"] += len(y) * world  # paid even when skipped
+                if entry is not None and entry["kind"] == "update":
                     counters["updates"] += 1
-                    if self.config.growth == "gradient":
-                        counters["dense_gradient_samples"] += len(y) * world
+                elif entry is not None:
+                    self.log(f"step {counters['steps']}: DST update skipped: {entry['why']}")
             loss_sum += loss.item() * len(y)
             correct += (out.argmax(1) == y).sum().item()
             seen += len(y)

@@ -1,0 +1,35 @@
+"""``freetickets bench``: bad options fail in one line with a non-zero exit (the suites are scripts, not tests)."""
+
+import pytest
+
+from freetickets_kernels.cli import main
+
+
+def _exit_code(argv):
+    try:
+        return main(argv)
+    except SystemExit as exit:
+        return exit.code
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["bench", "models", "--models", "vgg16"], "invalid choice"),
+    (["bench", "models", "--densities", "0"], "density must be in (0, 1]"),
+    (["bench", "models", "--densities", "1.2"], "density must be in (0, 1]"),
+    (["bench", "models", "--block-sizes", "0"], "block size must be positive"),
+    (["bench", "models", "--members", "0"], "--members must be positive"),
+    (["bench", "kernels", "--densities", "-1"], "density must be in (0, 1]"),
+    (["bench"], "required"),
+])
+def test_bad_options(tmp_path, capsys, argv, message):
+    assert _exit_code(argv + ([] if argv == ["bench"] else ["--out", str(tmp_path)])) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[-1]
+    assert not list(tmp_path.iterdir())
+
+
+def test_bench_help_teaches(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "models", "--help"])
+    out = capsys.readouterr().out
+    assert "--densities" in out and "--quick" in out and "ensemble" in out
