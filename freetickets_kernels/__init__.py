@@ -1,7 +1,10 @@
 """freetickets-kernels: block-sparse kernels that make sparse networks fast,
 and FreeTickets ensembles trained on top of them."""
 
-from . import checkpoint, ops
+__version__ = "0.1.0"
+
+# flops: registers our ops' formulas with torch.utils.flop_counter on import
+from . import checkpoint, flops, ops
 from .backends import (
     BackendUnavailableError,
     ReferenceBackendWarning,
@@ -12,8 +15,6 @@ from .dst import DynamicSparseTraining
 from .layout import BlockSparseLayout
 from .nn import SparseConv2d, SparseLinear, densify, sparsify
 from .ops import block_sparse_conv2d, block_sparse_linear, dense_grad_block_norms
-
-__version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError",
@@ -28,6 +29,7 @@ __all__ = [
     "block_sparse_linear",
     "dense_grad_block_norms",
     "densify",
+    "flops",
     "ops",
     "sparsify",
     "use_backend",
