@@ -23,3 +23,16 @@ from freetickets_kernels.timing import median_seconds  # noqa: E402,F401
 def progress(items: Sequence, label: str):
     """Iterate ``items`` with a progress bar on stderr."""
     return Progress(items, label)
+
+
+def run_suite(suite) -> None:
+    """Run a suite of ``freetickets_kernels.bench`` as a script writing to benchmarks/results/."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=suite.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    suite.add_arguments(parser, os.path.join(ROOT, "results"))
+    args = parser.parse_args()
+    try:
+        sys.exit(suite.run(args))
+    except ValueError as exc:
+        parser.error(str(exc))
