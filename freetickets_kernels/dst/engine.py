@@ -132,9 +132,10 @@ class DynamicSparseTraining:
 
     @torch.no_grad()
     def _update(self, rate: float, growth: str, kind: str) -> dict:
+        moves = {name: int(rate * layer.layout.nnzb) for name, layer in self.layers.items()}
         scores = {}
-        if growth == "gradient":
-            scores = {name: layer.dense_grad_block_norms().float() for name, layer in self.layers.items()}
+        if growth == "gradient":  # only layers that move blocks pay for the dense gradient
+            scores = {name: self.layers[name].dense_grad_block_norms().float() for name, k in moves.items() if k}
             # (under torch.distributed the scores are already averaged, so every rank agrees here)
             bad = [name for name, s in scores.items() if not torch.isfinite(s).all()]
             if bad:
@@ -143,8 +144,7 @@ class DynamicSparseTraining:
                 return entry
         entry = {"step": self.steps, "kind": kind, "rate": rate, "layers": {}}
         for name, layer in self.layers.items():
-            layout = layer.layout
-            k = int(rate * layout.nnzb)
+            layout, k = layer.layout, moves[name]
             live = layout.block_mask
             if k == 0:
                 entry["layers"][name] = {"density": layer.density, "changed": 0}
