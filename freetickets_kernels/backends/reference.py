@@ -79,12 +79,17 @@ def linear_grad_input(grad_out, values, col_ptr, row_idx, tslot, in_features: in
     return grad_out @ w
 
 
+def linear_dense_weight_grad(grad_out, x):
+    """The dense ``[out, in]`` weight gradient of ``y = x @ W.T`` (2-D ``grad_out`` and ``x``)."""
+    return grad_out.t() @ x
+
+
 def linear_grad_values(grad_out, x, row_ptr, col_idx, slot, block_size: List[int]):
-    return _gather(grad_out.t() @ x, row_ptr, col_idx, slot, tuple(block_size))
+    return _gather(linear_dense_weight_grad(grad_out, x), row_ptr, col_idx, slot, tuple(block_size))
 
 
 def linear_grad_block_norms(grad_out, x, block_size: List[int]):
-    return block_norms(to_gemm_blocks(grad_out.t() @ x, tuple(block_size)))
+    return block_norms(to_gemm_blocks(linear_dense_weight_grad(grad_out, x), tuple(block_size)))
 
 
 # --------------------------------------------------------------------- conv2d
@@ -118,7 +123,8 @@ def conv2d_grad_input(
     return dx.contiguous(memory_format=conv_memory_format(grad_out))
 
 
-def _conv2d_dense_weight_grad(grad_out, x, kernel_size, stride, padding, dilation):
+def conv2d_dense_weight_grad(grad_out, x, kernel_size, stride, padding, dilation):
+    """The dense ``[Cout, Cin, kh, kw]`` weight gradient of a groups=1 conv."""
     shape = _weight_shape(grad_out.shape[1], x.shape[1], kernel_size)
     return torch.nn.grad.conv2d_weight(
         x, list(shape), grad_out, list(stride), list(padding), list(dilation)
@@ -128,10 +134,10 @@ def _conv2d_dense_weight_grad(grad_out, x, kernel_size, stride, padding, dilatio
 def conv2d_grad_values(
     grad_out, x, row_ptr, col_idx, slot, block_size, kernel_size, stride, padding, dilation
 ):
-    dw = _conv2d_dense_weight_grad(grad_out, x, kernel_size, stride, padding, dilation)
+    dw = conv2d_dense_weight_grad(grad_out, x, kernel_size, stride, padding, dilation)
     return _gather(dw, row_ptr, col_idx, slot, tuple(block_size))
 
 
 def conv2d_grad_block_norms(grad_out, x, block_size, kernel_size, stride, padding, dilation):
-    dw = _conv2d_dense_weight_grad(grad_out, x, kernel_size, stride, padding, dilation)
+    dw = conv2d_dense_weight_grad(grad_out, x, kernel_size, stride, padding, dilation)
     return block_norms(to_gemm_blocks(dw, tuple(block_size)))

@@ -19,7 +19,8 @@ import copy
 import io
 import itertools
 import os
-from typing import Dict, List
+from dataclasses import dataclass
+from typing import Dict, List, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -105,7 +106,33 @@ def _timings(models: List[nn.Module], x: torch.Tensor, y: torch.Tensor, repeats:
     return out
 
 
-def _rows_for(name: str, args: argparse.Namespace, bar_jobs) -> List[dict]:
+@dataclass
+class _DenseCase:
+    """One model's inputs and dense measurements, which every sparse row is compared against."""
+
+    name: str
+    base: dict
+    x: torch.Tensor
+    y: torch.Tensor
+    model: nn.Module
+    timings: Dict[str, float]
+    forward_flops: float
+
+
+def _row(case: _DenseCase, group: List[nn.Module], kind: str, block, density: float, timings: Dict[str, float],
+         forward_flops: float, args: argparse.Namespace) -> dict:
+    """One table row for ``group`` (one model or an ensemble), against the dense measurements of ``case``."""
+    m, x = len(group), case.x
+    return dict(case.base, block=block, density=density, kind=kind, infer_ms=timings["infer"] * 1e3,
+                infer_speedup=case.timings["infer"] / timings["infer"], train_step_ms=timings["train_step"] * 1e3,
+                train_speedup=case.timings["train_step"] / timings["train_step"],
+                ideal=case.forward_flops / (forward_flops * m), gflops=forward_flops * m * args.batch_size / 1e9,
+                gflops_counter=sum(_counter_gflops(g, x) for g in group),
+                params_M=sum(parameter_count(g)["params"] for g in group) / 1e6,
+                checkpoint_MB=sum(_checkpoint_mb(g) for g in group))
+
+
+def _dense_case(name: str, args: argparse.Namespace) -> Tuple[_DenseCase, dict]:
     _, default_size, classes = MODEL_SPECS[name]
     size = args.image_size or default_size
     g = torch.Generator().manual_seed(0)
@@ -113,47 +140,24 @@ def _rows_for(name: str, args: argparse.Namespace, bar_jobs) -> List[dict]:
     y = torch.randint(0, classes, (args.batch_size,), generator=g)
     torch.manual_seed(0)
     dense = _build(name)
-    dense_t = _timings([dense], x, y, args.repeats, args.update_interval)
-    dense_fl = count_flops(dense, x)
-    base = {"model": name, "image": size, "batch": args.batch_size}
-    rows = [dict(base, block="-", density=1.0, kind="dense", infer_ms=dense_t["infer"] * 1e3, infer_speedup=1.0,
-                 train_step_ms=dense_t["train_step"] * 1e3, train_speedup=1.0, ideal=1.0,
-                 gflops=dense_fl.forward * args.batch_size / 1e9, gflops_counter=_counter_gflops(dense, x),
-                 params_M=parameter_count(dense)["params"] / 1e6, checkpoint_MB=_checkpoint_mb(dense))]
-    bar_jobs.update()
-    for block, density in itertools.product(args.block_sizes, args.densities):
-        members = []
-        for seed in range(args.members):
-            torch.manual_seed(seed)
-            member = _build(name) if seed else copy.deepcopy(dense)
-            sparsify(member, density, block, "erk", criterion="random")
-            members.append(member)
-        fl = count_flops(members[0], x)
-        for kind, group in (("sparse", members[:1]), (f"ensemble x{args.members}", members)):
-            t = _timings(group, x, y, args.repeats, args.update_interval)
-            m = len(group)
-            rows.append(dict(base, block=block, density=density, kind=kind, infer_ms=t["infer"] * 1e3,
-                             infer_speedup=dense_t["infer"] / t["infer"], train_step_ms=t["train_step"] * 1e3,
-                             train_speedup=dense_t["train_step"] / t["train_step"],
-                             ideal=dense_fl.forward / (fl.forward * m),
-                             gflops=fl.forward * m * args.batch_size / 1e9,
-                             gflops_counter=sum(_counter_gflops(g_, x) for g_ in group),
-                             params_M=sum(parameter_count(g_)["params"] for g_ in group) / 1e6,
-                             checkpoint_MB=sum(_checkpoint_mb(g_) for g_ in group)))
-        bar_jobs.update()
-    return rows
+    timings = _timings([dense], x, y, args.repeats, args.update_interval)
+    case = _DenseCase(name, {"model": name, "image": size, "batch": args.batch_size}, x, y, dense, timings,
+                      count_flops(dense, x).forward)
+    return case, _row(case, [dense], "dense", "-", 1.0, timings, case.forward_flops, args)
 
 
-class _Ticker:
-    """Counts finished configurations on a Progress bar driven by hand."""
-
-    def __init__(self, total: int, label: str) -> None:
-        self.bar = Progress(range(total), label)
-        self.it = iter(self.bar)
-        next(self.it, None)
-
-    def update(self) -> None:
-        next(self.it, None)
+def _sparse_rows(case: _DenseCase, block: int, density: float, args: argparse.Namespace) -> List[dict]:
+    """A sparse single model and an ensemble of ``args.members`` (the first member is that single model)."""
+    members = []
+    for seed in range(args.members):
+        torch.manual_seed(seed)
+        member = _build(case.name) if seed else copy.deepcopy(case.model)
+        sparsify(member, density, block, "erk", criterion="random")
+        members.append(member)
+    forward_flops = count_flops(members[0], case.x).forward
+    return [_row(case, group, kind, block, density, _timings(group, case.x, case.y, args.repeats,
+                                                             args.update_interval), forward_flops, args)
+            for kind, group in (("sparse", members[:1]), (f"ensemble x{args.members}", members))]
 
 
 def plot(rows: List[dict], path: str, members: int) -> None:
@@ -248,10 +252,17 @@ def run(args: argparse.Namespace) -> int:
         args.batch_size, args.image_size, args.repeats = 2, 64, 2
     check_arguments(args)
     torch.set_num_threads(args.threads)
-    ticker = _Ticker(len(args.models) * (1 + len(args.block_sizes) * len(args.densities)), "model suite")
+    # one job per model's dense baseline (None), then one per (block, density) against it
+    jobs = [(name, config) for name in args.models
+            for config in [None, *itertools.product(args.block_sizes, args.densities)]]
     rows: List[dict] = []
-    for name in args.models:
-        rows += _rows_for(name, args, ticker)
+    cases: Dict[str, _DenseCase] = {}
+    for name, config in Progress(jobs, "model suite"):
+        if config is None:
+            cases[name], row = _dense_case(name, args)
+            rows.append(row)
+        else:
+            rows += _sparse_rows(cases[name], *config, args)
     name = args.name or ("models_quick" if args.quick else "models")
     lines = headline(rows, args.members)
     notes = (f"float32, {args.threads} threads, batch {args.batch_size}, median of {args.repeats}; ERK densities; "

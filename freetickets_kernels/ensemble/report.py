@@ -18,11 +18,15 @@ from ..flops import count_flops, parameter_count
 from ..machine import machine_info
 from ..results import markdown_table, write_text_atomic
 from .evaluation import inference_latency, member_logits
-from .metrics import ensemble_metrics, single_metrics
+from .metrics import calibration_bins, ensemble_metrics, single_metrics
 from .training import PlanRunner, RunResult
 
 COLUMNS = ["model", "accuracy", "nll", "ece", "train_flops", "train_flops_x_dense", "inference_flops",
            "inference_flops_x_dense", "params", "latency_ms", "latency_x_dense"]
+HEADINGS = ["model", "acc", "NLL", "ECE", "train FLOPs", "(x dense)", "infer FLOPs/sample", "(x dense)",
+            "params", "latency ms", "(x dense)"]
+RATIOS = {"train_flops": "train_flops_x_dense", "inference_flops": "inference_flops_x_dense",
+          "latency_ms": "latency_x_dense"}
 
 
 def _ratio(value: Optional[float], dense: Optional[float]) -> Optional[float]:
@@ -40,6 +44,7 @@ def summarize(ensemble: RunResult, ensemble_runner: PlanRunner, test: Dataset, e
     logits, targets = member_logits(members, test, batch, device)
     metrics = ensemble_metrics(logits, targets)
     flops = [count_flops(m, example) for m in members]
+    params = [parameter_count(m) for m in members]
     method, m = ensemble.config.method, len(members)
     train_flops = flops[0].training(ensemble.counters["samples"], ensemble.counters["dense_gradient_samples"])
     timed = {f"member {i + 1}": [mod] for i, mod in enumerate(members)}
@@ -51,7 +56,7 @@ def summarize(ensemble: RunResult, ensemble_runner: PlanRunner, test: Dataset, e
         dense_model = dense_runner.member_model(dense.members[0])
         dense_logits, _ = member_logits([dense_model], test, batch, device)
         dense_metrics = single_metrics(dense_logits[0], targets)
-        calibration["dense"] = ensemble_metrics(dense_logits, targets)["calibration"]
+        calibration["dense"] = calibration_bins(dense_logits[0].double().softmax(-1), targets)
         dense_flops = count_flops(dense_model, example)
         timed = {"dense": [dense_model], **timed}
         dense_row = {"model": "dense", **dense_metrics,
@@ -60,25 +65,22 @@ def summarize(ensemble: RunResult, ensemble_runner: PlanRunner, test: Dataset, e
     latency = inference_latency(timed, example.to(device), repeats=latency_repeats)
     if dense_row is not None:
         rows.append(dense_row)
-    for i, (model, f) in enumerate(zip(members, flops)):
+    for i, (f, p) in enumerate(zip(flops, params)):
         row = {"model": f"member {i + 1} ({ensemble.members[i]['name']}, epoch {ensemble.members[i]['epoch']})",
-               **single_metrics(logits[i], targets), "inference_flops": f.forward, **parameter_count(model)}
+               **single_metrics(logits[i], targets), "inference_flops": f.forward, **p}
         if method == "dst":  # independent runs: each member paid its own share
             row["train_flops"] = train_flops / m
         rows.append(row)
     rows.append({"model": f"{method} ensemble (M={m})", "accuracy": metrics["accuracy"], "nll": metrics["nll"],
                  "ece": metrics["ece"], "train_flops": train_flops,
                  "inference_flops": sum(f.forward for f in flops),
-                 "params": sum(parameter_count(x)["params"] for x in members),
-                 "dense_params": sum(parameter_count(x)["dense_params"] for x in members)})
+                 "params": sum(p["params"] for p in params),
+                 "dense_params": sum(p["dense_params"] for p in params)})
     for row, key in zip(rows, list(timed)):
         row["latency_ms"] = latency[key] * 1e3
-    ref = rows[0] if dense_row is not None else None
     for row in rows:
-        for col in ("train_flops", "inference_flops", "latency_ms"):
-            suffix = "train_flops_x_dense" if col == "train_flops" else (
-                "inference_flops_x_dense" if col == "inference_flops" else "latency_x_dense")
-            row[suffix] = _ratio(row.get(col), ref.get(col) if ref else None)
+        for col, ratio in RATIOS.items():
+            row[ratio] = _ratio(row.get(col), dense_row.get(col) if dense_row else None)
     return {
         "method": method, "members": m, "config": vars(ensemble.config).copy(), "rows": rows,
         "diversity": {"disagreement": metrics["disagreement"], "kl": metrics["kl"],
@@ -94,9 +96,7 @@ def format_table(summary: Dict[str, object]) -> str:
     def fmt(v, col):
         if v is None:
             return "-"
-        if col in ("accuracy", "ece"):
-            return f"{v:.4f}"
-        if col == "nll":
+        if col in ("accuracy", "nll", "ece"):
             return f"{v:.4f}"
         if col.endswith("x_dense"):
             return f"{v:.2f}x"
@@ -106,15 +106,11 @@ def format_table(summary: Dict[str, object]) -> str:
             return f"{v:.2f}"
         return str(v)
 
-    cols = ["model", "accuracy", "nll", "ece", "train_flops", "train_flops_x_dense", "inference_flops",
-            "inference_flops_x_dense", "params", "latency_ms", "latency_x_dense"]
-    heads = ["model", "acc", "NLL", "ECE", "train FLOPs", "(x dense)", "infer FLOPs/sample", "(x dense)",
-             "params", "latency ms", "(x dense)"]
-    cells = [[fmt(r.get(c), c) for c in cols] for r in summary["rows"]]
-    widths = [max(len(h), *(len(row[i]) for row in cells)) for i, h in enumerate(heads)]
+    cells = [[fmt(r.get(c), c) for c in COLUMNS] for r in summary["rows"]]
+    widths = [max(len(h), *(len(row[i]) for row in cells)) for i, h in enumerate(HEADINGS)]
     line = lambda vals: "  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(vals, widths)))  # noqa: E731
     div = summary["diversity"]
-    out = [line(heads), line(["-" * w for w in widths])] + [line(c) for c in cells]
+    out = [line(HEADINGS), line(["-" * w for w in widths])] + [line(c) for c in cells]
     out.append(f"members disagree on {div['disagreement']:.2%} of test samples; mean pairwise KL {div['kl']:.4f}")
     out.append(f"latency: one batch of {summary['latency_batch'][0]} samples, median of repeats, this machine")
     return "\n".join(out)

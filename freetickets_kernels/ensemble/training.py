@@ -22,12 +22,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .. import checkpoint
+from .. import checkpoint, distributed
 from ..dst import DynamicSparseTraining
 from ..layout import block_size_pair, check_density
 from ..nn.sparsify import sparsify
 from ..progress import Progress
-from .. import distributed
 from .evaluation import predict
 from .schedules import Phase, dense_plan, dst_ensemble_plan, edst_plan
 
@@ -194,12 +193,13 @@ class PlanRunner:
             counters["steps"] += 1
             if self.dst is not None:
                 entry = self.dst.step()
-                if entry is not None and self.config.growth == "gradient":
-                    counters["dense_gradient_samples"] += len(y) * world  # paid even when skipped
-                if entry is not None and entry["kind"] == "update":
-                    counters["updates"] += 1
-                elif entry is not None:
-                    self.log(f"step {counters['steps']}: DST update skipped: {entry['why']}")
+                if entry is not None:
+                    if self.config.growth == "gradient":
+                        counters["dense_gradient_samples"] += len(y) * world  # paid even when skipped
+                    if entry["kind"] == "update":
+                        counters["updates"] += 1
+                    else:
+                        self.log(f"step {counters['steps']}: DST update skipped: {entry['why']}")
             loss_sum += loss.item() * len(y)
             correct += (out.argmax(1) == y).sum().item()
             seen += len(y)
@@ -232,20 +232,20 @@ class PlanRunner:
     def checkpoint_path(self) -> str:
         return os.path.join(self.out_dir, CHECKPOINT)
 
-    def _save(self, state: dict) -> None:
-        if self.main:
-            checkpoint.save(state, self.checkpoint_path)
-
-    def _state(self, phase_index: int, epoch: int, best, members, counters, history, seconds,
-               done: bool = False) -> dict:
-        return {
+    def _save(self, phase_index: int, epoch: int, best, members, counters, history, seconds, done: bool) -> None:
+        """Write the checkpoint (rank 0 only); a finished run keeps its members, not its training state."""
+        if not self.main:
+            return
+        live = not done
+        state = {
             "format": FORMAT, "config": asdict(self.config), "phase": phase_index, "epoch": epoch,
-            "model": self.model.state_dict() if self.model is not None and not done else None,
-            "optimizer": self.optimizer.state_dict() if self.optimizer is not None and not done else None,
-            "dst": self.dst.state_dict() if self.dst is not None and not done else None,
+            "model": self.model.state_dict() if live else None,
+            "optimizer": self.optimizer.state_dict() if live else None,
+            "dst": self.dst.state_dict() if live and self.dst is not None else None,
             "best": best, "members": members, "counters": counters, "history": history,
             "seconds": seconds, "done": done,
         }
+        checkpoint.save(state, self.checkpoint_path)
 
     def _load(self) -> dict:
         state = checkpoint.load(self.checkpoint_path)
@@ -322,8 +322,8 @@ class PlanRunner:
                     best = None
                 next_phase, next_epoch = (pi + 1, 0) if last else (pi, e + 1)
                 done = last and pi + 1 == len(self.plan)
-                self._save(self._state(next_phase, next_epoch, best, members, counters, history,
-                                       time.perf_counter() - start, done=done))
+                self._save(next_phase, next_epoch, best, members, counters, history, time.perf_counter() - start,
+                           done)
                 if on_epoch_end is not None:
                     on_epoch_end(row)
             epoch = 0

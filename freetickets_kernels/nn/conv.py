@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..backends import reference
 from ..layout import BlockSparseLayout, IntPair, block_size_pair, check_density, pair
 from ..ops import block_sparse_conv2d, dense_grad_block_norms
 from .base import BlockSparseModule, dense_init_bias, init_values, random_block_mask
@@ -110,8 +111,8 @@ class SparseConv2d(BlockSparseModule):
 
     def _dense_weight_grad(self, op_input, grad_output):
         _, padding = self._explicit_padding()
-        return torch.nn.grad.conv2d_weight(op_input, list(self.layout.weight_shape), grad_output,
-                                           list(self.stride), list(padding), list(self.dilation))
+        return reference.conv2d_dense_weight_grad(grad_output, op_input, self.kernel_size, self.stride, padding,
+                                                  self.dilation)
 
     def extra_repr(self) -> str:
         s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..backends import reference
 from ..layout import BlockSparseLayout, IntPair, block_size_pair, check_density
 from ..ops import block_sparse_linear, dense_grad_block_norms
 from .base import BlockSparseModule, dense_init_bias, init_values, random_block_mask
@@ -65,7 +66,8 @@ class SparseLinear(BlockSparseModule):
         return dense_grad_block_norms(op_input, grad_output, self.layout)
 
     def _dense_weight_grad(self, op_input, grad_output):
-        return grad_output.reshape(-1, self.out_features).t() @ op_input.reshape(-1, self.in_features)
+        return reference.linear_dense_weight_grad(grad_output.reshape(-1, self.out_features),
+                                                  op_input.reshape(-1, self.in_features))
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
