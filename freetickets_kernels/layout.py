@@ -450,6 +450,18 @@ def from_gemm_blocks(blocks: torch.Tensor, weight_shape: Tuple[int, ...]) -> tor
     return gemm.reshape(out, kh, kw, cin).permute(0, 3, 1, 2).contiguous()
 
 
+def expand_ptr(ptr: torch.Tensor, nnz: int) -> torch.Tensor:
+    """Compressed pointer ``[n + 1]`` with ``nnz`` entries -> each entry's outer index (int64).
+
+    ``expand_ptr(row_ptr, nnzb)`` is every BSR entry's block row,
+    ``expand_ptr(col_ptr, nnzb)`` every column-major entry's block column.
+    Giving ``nnz`` spares a GPU the host sync of computing it.
+    """
+    counts = (ptr[1:] - ptr[:-1]).long()
+    outer = torch.arange(counts.numel(), device=ptr.device)
+    return torch.repeat_interleave(outer, counts, output_size=nnz)
+
+
 def block_norms(blocks: torch.Tensor) -> torch.Tensor:
     """L2 norm of every block of a ``[..., Bo, Bi]`` tensor."""
     return torch.linalg.vector_norm(blocks, dim=(-2, -1))

@@ -1,14 +1,32 @@
 """Shared helpers: random block-sparse weights, and running an op on a backend."""
 
-import pytest
+import os
+import subprocess
+import sys
+
+
+def _gpu_visible() -> bool:
+    # asked in a child process: importing torch here would import Triton too early
+    probe = "import torch; print(torch.cuda.is_available())"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    return done.stdout.strip() == "True"
+
+
+# Without a GPU the Triton kernels run in Triton's CPU interpreter (slowly), so
+# tests/test_triton_backend.py checks them here.  Triton reads the variable when
+# it is imported (torch imports it), so this precedes every import of torch.
+if "TRITON_INTERPRET" not in os.environ and not _gpu_visible():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import freetickets_kernels as ftk  # noqa: E402
+from freetickets_kernels.layout import BlockSparseLayout  # noqa: E402
 
 
 def pytest_addoption(parser):
     parser.addoption("--long", action="store_true", help="deeper property-based fuzzing (tests/test_fuzz.py)")
-import torch
-
-import freetickets_kernels as ftk
-from freetickets_kernels.layout import BlockSparseLayout
 
 
 def random_layout(weight_shape, block_size, density, seed=0, device="cpu"):

@@ -44,6 +44,7 @@ class Backend:
     dtypes: Optional[Tuple[torch.dtype, ...]]  # None: any floating dtype
     load: Callable[[], ModuleType]  # raises BackendUnavailableError(reason)
     description: str
+    cpu_when_interpreted: bool = False  # Triton's interpreter runs kernels on CPU tensors too
 
     @functools.cached_property
     def _loaded(self) -> Tuple[Optional[ModuleType], str]:
@@ -63,13 +64,20 @@ class Backend:
         module, reason = self._loaded
         return module is not None, reason
 
+    def devices(self) -> Optional[Tuple[str, ...]]:
+        """Device types handled now (read per call: TRITON_INTERPRET may be set after import)."""
+        if self.cpu_when_interpreted and self.device_types is not None and _triton_interpreted():
+            return self.device_types + ("cpu",)
+        return self.device_types
+
     def supports(self, device: torch.device, dtype: torch.dtype) -> bool:
-        device_ok = self.device_types is None or device.type in self.device_types
+        devices = self.devices()
+        device_ok = devices is None or device.type in devices
         dtype_ok = dtype.is_floating_point if self.dtypes is None else dtype in self.dtypes
         return device_ok and dtype_ok
 
     def handles(self) -> str:
-        devices = "any device" if self.device_types is None else "/".join(self.device_types)
+        devices = "any device" if self.devices() is None else "/".join(self.devices())
         dtypes = (
             "any float dtype"
             if self.dtypes is None
@@ -95,12 +103,20 @@ def _load_cpu() -> ModuleType:
         ) from None
 
 
+def _triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
 def _load_triton() -> ModuleType:
     try:
         importlib.import_module("triton")
     except ImportError:
         raise BackendUnavailableError("triton missing: pip install triton") from None
-    raise BackendUnavailableError("Triton kernels are not part of this version yet")
+    if not torch.cuda.is_available() and not _triton_interpreted():
+        raise BackendUnavailableError(
+            "no CUDA GPU is visible (set TRITON_INTERPRET=1 to run the kernels on the CPU, slowly)"
+        )
+    return importlib.import_module(f"{__name__}.triton")
 
 
 def _load_cuda() -> ModuleType:
@@ -122,7 +138,7 @@ BACKENDS: Dict[str, Backend] = {
         Backend("reference", None, None, _load_reference, "pure torch oracle (dense-speed)"),
         Backend("cpu", ("cpu",), (torch.float32,), _load_cpu, "C++ OpenMP/SIMD kernels"),
         Backend("triton", ("cuda",), (torch.float16, torch.bfloat16, torch.float32), _load_triton,
-                "Triton GPU kernels"),
+                "Triton GPU kernels", cpu_when_interpreted=True),
         Backend("cuda", ("cuda",), (torch.float16, torch.bfloat16, torch.float32), _load_cuda,
                 "CUDA C++ tensor-core kernels"),
     )

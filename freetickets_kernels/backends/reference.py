@@ -13,7 +13,7 @@ from typing import List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..layout import block_norms, from_gemm_blocks, to_gemm_blocks
+from ..layout import block_norms, expand_ptr, from_gemm_blocks, to_gemm_blocks
 from ..validation import conv_memory_format
 
 NAME = "reference"
@@ -37,8 +37,7 @@ def _densify(values, ptr, idx, slot, n_outer, n_inner, transposed, weight_shape)
     ``transposed=True``: (col_ptr, row_idx) with n_outer=C, n_inner=R.
     """
     bo, bi = values.shape[1], values.shape[2]
-    counts = (ptr[1:] - ptr[:-1]).long()
-    outer = torch.repeat_interleave(torch.arange(n_outer, device=values.device), counts)
+    outer = expand_ptr(ptr, idx.numel())
     inner = idx.long()
     rows, cols = (inner, outer) if transposed else (outer, inner)
     r, c = (n_inner, n_outer) if transposed else (n_outer, n_inner)
@@ -50,8 +49,7 @@ def _densify(values, ptr, idx, slot, n_outer, n_inner, transposed, weight_shape)
 def _gather(dense_weight_grad, row_ptr, col_idx, slot, block_size):
     """Live blocks of a dense weight gradient, in slot order."""
     blocks = to_gemm_blocks(dense_weight_grad, block_size)
-    counts = (row_ptr[1:] - row_ptr[:-1]).long()
-    rows = torch.repeat_interleave(torch.arange(blocks.shape[0], device=blocks.device), counts)
+    rows = expand_ptr(row_ptr, col_idx.numel())
     out = blocks.new_empty((col_idx.numel(), *block_size))
     out[slot.long()] = blocks[rows, col_idx.long()]
     return out
