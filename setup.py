@@ -58,7 +58,7 @@ def _extensions():
             "freetickets_kernels._cuda",
             cuda_sources,
             extra_compile_args={"cxx": ["-O3"],
-                                "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
+                                "nvcc": ["-O3", "-lineinfo"]},
         ))
     elif cuda_sources:
         _say("no GPU visible and FORCE_CUDA != 1: skipping the CUDA extension")

@@ -17,10 +17,10 @@ from .machine import machine_info
 def cmd_info(args: argparse.Namespace) -> int:
     rows = backends.describe()
     info = machine_info()
-    if "cpu" in backends.available_backends():
-        from .backends import cpu
-
-        info["cpu_backend_build"] = cpu.build_info()
+    for name in backends.available_backends():
+        module = backends.BACKENDS[name].module
+        if hasattr(module, "build_info"):
+            info[f"{name}_backend_build"] = module.build_info()
     if args.json:
         print(json.dumps({"machine": info, "backends": rows}, indent=2))
         return 0

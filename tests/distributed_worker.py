@@ -70,4 +70,5 @@ if __name__ == "__main__":
     distributed.init_from_env("cpu", timeout_s=float(os.environ.get("FT_TIMEOUT", "60")))
     {"dst": dst, "hang": hang}[scenario](out.replace("RANK", str(distributed.rank())), growth)
     if dist.is_initialized():
+        dist.barrier()  # no rank tears gloo down while another still talks to it
         dist.destroy_process_group()

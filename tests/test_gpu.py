@@ -40,3 +40,67 @@ def test_conv2d_on_gpu(backend, cout, cin, kernel, block, density, batch, hw, st
     got = run_op(backend, fn, [x.cuda(), values.cuda(), bias.cuda()])
     for g, r in zip(got, ref):
         torch.testing.assert_close(g.cpu().double(), r, rtol=1e-3, atol=1e-3)
+
+
+FAST = [b for b in GPU_BACKENDS if b != "reference"]
+# |got - ref| <= tol * max(1, max|ref|): half types round every stored output
+HALF_TOL = {torch.float16: 1e-2, torch.bfloat16: 4e-2, torch.float32: 1e-4}
+
+
+def _close(got, ref, dtype):
+    if ref.numel() == 0:
+        return
+    scale = max(1.0, ref.abs().max().item())
+    torch.testing.assert_close(got.cpu().double(), ref, rtol=HALF_TOL[dtype], atol=HALF_TOL[dtype] * scale)
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("block", [(16, 16), (32, 32), (64, 64), (32, 48), (96, 80)])
+def test_linear_larger_shapes_all_dtypes(backend, dtype, block):
+    layout = random_layout((300, 520), block, 0.3)
+    values = random_values(layout, dtype=torch.float32)
+    x, bias = torch.randn(333, 520), torch.randn(300)
+    fn = lambda x, v, b: ftk.block_sparse_linear(x, v, layout.to(x.device), b)  # noqa: E731
+    ref = run_op("reference", fn, [x.double(), values.double(), bias.double()])
+    got = run_op(backend, fn, [t.cuda().to(dtype) for t in (x, values, bias)])
+    for g, r in zip(got, ref):
+        assert g.dtype == dtype
+        _close(g, r, dtype)
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("stride,dilation", [(1, 1), (2, 1), (1, 2)])
+def test_conv2d_larger_shapes_all_dtypes(backend, dtype, channels_last, stride, dilation):
+    layout = random_layout((96, 72, 3, 3), (32, 16), 0.3)
+    values = random_values(layout, dtype=torch.float32)
+    x, bias = torch.randn(4, 72, 21, 19), torch.randn(96)
+    fn = lambda x, v, b: ftk.block_sparse_conv2d(x, v, layout.to(x.device), b, stride, 1, dilation)  # noqa: E731
+    ref = run_op("reference", fn, [x.double(), values.double(), bias.double()])
+    xc = x.cuda().to(dtype)
+    if channels_last:
+        xc = xc.contiguous(memory_format=torch.channels_last)
+    got = run_op(backend, fn, [xc, values.cuda().to(dtype), bias.cuda().to(dtype)])
+    assert got[0].is_contiguous(memory_format=torch.channels_last) == channels_last
+    for g, r in zip(got, ref):
+        _close(g, r, dtype)
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_dense_grad_block_norms_on_gpu(backend):
+    layout = random_layout((96, 72, 3, 3), (32, 16), 0.3)
+    x, gy = torch.randn(4, 72, 21, 19), torch.randn(4, 96, 11, 10)
+    with ftk.use_backend("reference"):
+        ref = ftk.ops.dense_grad_block_norms(x.double(), gy.double(), layout, 2, 1)
+    with ftk.use_backend(backend):
+        got = ftk.ops.dense_grad_block_norms(x.cuda(), gy.cuda(), layout.to("cuda"), 2, 1)
+    torch.testing.assert_close(got.cpu().double(), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_cuda_tensors_prefer_the_cuda_backend():
+    from freetickets_kernels.backends import select
+
+    expected = next(b for b in ("cuda", "triton", "reference") if b in ftk.available_backends())
+    assert select(torch.device("cuda"), torch.float16).name == expected

@@ -122,14 +122,14 @@ def _load_triton() -> ModuleType:
 def _load_cuda() -> ModuleType:
     try:
         importlib.import_module("freetickets_kernels._cuda")
-    except ImportError:
+    except ImportError as exc:
         raise BackendUnavailableError(
-            "not built: install on a machine with a visible GPU, or with FORCE_CUDA=1 "
+            f"not built ({exc}): install on a machine with a visible GPU, or with FORCE_CUDA=1 "
             "(CUDA_HOME set), using pip install --no-build-isolation -e ."
         ) from None
     if not torch.cuda.is_available():
         raise BackendUnavailableError("built, but no CUDA GPU is visible")
-    raise BackendUnavailableError("CUDA kernels are not part of this version yet")
+    return importlib.import_module(f"{__name__}.cuda")
 
 
 BACKENDS: Dict[str, Backend] = {

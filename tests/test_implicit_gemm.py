@@ -1,0 +1,46 @@
+"""The GEMM view the GPU backends share (backends/implicit_gemm.py): geometry, entries, splits."""
+
+import torch
+
+from freetickets_kernels.backends.implicit_gemm import ConvProblem, Entries, split_count, strides
+
+from conftest import random_layout
+
+
+def test_geometry_matches_the_kernels_argument_order():
+    prob = ConvProblem(n=2, cin=20, h=9, w=8, cout=12, kernel=(3, 2), stride=(2, 1), padding=(1, 0),
+                       dilation=(1, 2))
+    assert prob.out_hw == (5, 6)
+    assert prob.out_pixels == 2 * 5 * 6 and prob.in_pixels == 2 * 9 * 8
+    # CIN, H, W, COUT, OH, OW, KH, KW, CBPT, SH, SW, PH, PW, DH, DW: csrc/cuda/kernels.cu reads 15 ints
+    assert prob.shape_args(8) == (20, 9, 8, 12, 5, 6, 3, 2, 3, 2, 1, 1, 0, 1, 2)
+    assert prob.block_grid((8, 8)) == (2, 6 * 3)
+
+
+def test_linear_activations_are_one_by_one_images():
+    x = torch.randn(5, 7)
+    assert strides(x) == (7, 1, 0, 0)
+    assert strides(x.t().contiguous().t()) == (1, 5, 0, 0)
+    cl = torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last)
+    assert strides(cl) == cl.stride()
+
+
+def test_entries_list_live_blocks_in_bsr_order_and_every_block():
+    layout = random_layout((40, 30), (8, 10), 0.5, seed=4)
+    row_ptr, col_idx, slot = layout.indices.as_tuple()[:3]
+    live = Entries.live(row_ptr, col_idx, slot)
+    mask = layout.block_mask
+    rows, cols = mask.nonzero(as_tuple=True)
+    assert torch.equal(live.rows.long(), rows) and torch.equal(live.cols.long(), cols)
+    assert torch.equal(live.outs.long(), layout.slot_map[rows, cols])
+    every = Entries.every((5, 3), "cpu")
+    assert every.rows.tolist() == [r for r in range(5) for _ in range(3)]
+    assert every.cols.tolist() == [0, 1, 2] * 5 and every.outs.tolist() == list(range(15))
+
+
+def test_split_only_when_blocks_are_few_and_reductions_long():
+    cpu = torch.device("cpu")  # stands in for a 4-processor GPU
+    assert split_count(1000, 10**6, cpu) == 1  # enough blocks to fill the device
+    assert split_count(1, 500, cpu) == 1  # too few pixels to split
+    assert split_count(1, 4096, cpu) == 4  # a 1024-pixel floor per split
+    assert split_count(2, 10**6, cpu) == 8  # 4 x processors programs in all
