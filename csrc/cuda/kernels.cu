@@ -19,6 +19,10 @@
 #include "kernels.h"
 #include "tile_mma.cuh"
 
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#error "the CUDA backend needs sm_80 or newer (bf16 tensor cores): set TORCH_CUDA_ARCH_LIST, e.g. to 8.0;9.0"
+#endif
+
 namespace ftk_cuda {
 namespace {
 
@@ -53,6 +57,13 @@ __device__ __forceinline__ T zero_value() {
   return T(0.0f);
 }
 
+// Element e of a rows x cols tile, numbered along the dimension that is
+// contiguous in global memory (cols when cols_fast), so loads and stores coalesce.
+__device__ __forceinline__ void tile_walk(int e, int rows, int cols, bool cols_fast, int& row, int& col) {
+  row = cols_fast ? e / cols : e % rows;
+  col = cols_fast ? e % cols : e / rows;
+}
+
 // ---------------------------------------------------------------- forward
 
 template <typename T>
@@ -85,9 +96,8 @@ __global__ void __launch_bounds__(THREADS) forward_kernel(
     for (int k0 = 0; k0 < bi; k0 += TK) {
       __syncthreads();  // previous step done with the tiles (and row_* written)
       for (int e = tid; e < TM * TK; e += THREADS) {
-        // walk the tile along the activation's contiguous dimension
-        const int row = x_channels_fast ? e / TK : e % TM;
-        const int k = x_channels_fast ? e % TK : e / TM;
+        int row, k;
+        tile_walk(e, TM, TK, x_channels_fast, row, k);
         const int ch = ch0 + k0 + k;
         const int ih = row_oh[row] * g.sh - g.ph + ki * g.dh;
         const int iw = row_ow[row] * g.sw - g.pw + kj * g.dw;
@@ -96,7 +106,8 @@ __global__ void __launch_bounds__(THREADS) forward_kernel(
         sm.a[row * A_LD + k] = ok ? x[offset(g.sa, row_n[row], ch, ih, iw)] : zero_value<T>();
       }
       for (int e = tid; e < TK * TN; e += THREADS) {
-        const int k = e % TK, n = e / TK;  // B = block^T; the block is contiguous along k
+        int k, n;
+        tile_walk(e, TK, TN, false, k, n);  // B = block^T; the block is contiguous along k
         const bool ok = n0 + n < bo && k0 + k < bi;
         sm.b[k * B_LD + n] = ok ? blk[(n0 + n) * bi + k0 + k] : zero_value<T>();
       }
@@ -109,8 +120,8 @@ __global__ void __launch_bounds__(THREADS) forward_kernel(
   __syncthreads();
   const bool y_channels_fast = g.sb[1] == 1;
   for (int e = tid; e < TM * TN; e += THREADS) {
-    const int row = y_channels_fast ? e / TN : e % TM;
-    const int n = y_channels_fast ? e % TN : e / TM;
+    int row, n;
+    tile_walk(e, TM, TN, y_channels_fast, row, n);
     const int co = r * bo + n0 + n;
     if (row_n[row] < 0 || n0 + n >= bo || co >= g.cout) continue;
     float v = sm.c[row * C_LD + n];
@@ -162,14 +173,15 @@ __global__ void __launch_bounds__(THREADS) grad_input_kernel(
       for (int k0 = 0; k0 < bo; k0 += TK) {
         __syncthreads();
         for (int e = tid; e < TM * TK; e += THREADS) {
-          const int row = dy_channels_fast ? e / TK : e % TM;
-          const int k = dy_channels_fast ? e % TK : e / TM;
+          int row, k;
+          tile_walk(e, TM, TK, dy_channels_fast, row, k);
           const int co = r * bo + k0 + k;
           const bool ok = tap_oh[row] >= 0 && k0 + k < bo && co < g.cout;
           sm.a[row * A_LD + k] = ok ? dy[offset(g.sa, row_n[row], co, tap_oh[row], tap_ow[row])] : zero_value<T>();
         }
         for (int e = tid; e < TK * TN; e += THREADS) {
-          const int n = e % TN, k = e / TN;  // the block is contiguous along n here
+          int k, n;
+          tile_walk(e, TK, TN, true, k, n);  // the block is contiguous along n here
           const bool ok = k0 + k < bo && n0 + n < bi;
           sm.b[k * B_LD + n] = ok ? blk[(k0 + k) * bi + n0 + n] : zero_value<T>();
         }
@@ -183,8 +195,8 @@ __global__ void __launch_bounds__(THREADS) grad_input_kernel(
   __syncthreads();
   const bool dx_channels_fast = g.sb[1] == 1;
   for (int e = tid; e < TM * TN; e += THREADS) {
-    const int row = dx_channels_fast ? e / TN : e % TM;
-    const int n = dx_channels_fast ? e % TN : e / TM;
+    int row, n;
+    tile_walk(e, TM, TN, dx_channels_fast, row, n);
     const int ch = cb * bi + n0 + n;
     if (row_n[row] < 0 || n0 + n >= bi || ch >= g.cin) continue;
     dx[offset(g.sb, row_n[row], ch, row_ih[row], row_iw[row])] = static_cast<T>(sm.c[row * C_LD + n]);
@@ -228,15 +240,15 @@ __global__ void __launch_bounds__(THREADS) grad_blocks_kernel(
     }
     __syncthreads();
     for (int e = tid; e < TM * TK; e += THREADS) {  // A = dy^T: rows are output channels
-      const int row = dy_channels_fast ? e % TM : e / TK;
-      const int k = dy_channels_fast ? e / TM : e % TK;
+      int row, k;  // pixels (k) are contiguous unless channels are
+      tile_walk(e, TM, TK, !dy_channels_fast, row, k);
       const int co = r * bo + o0 + row;
       const bool ok = pix_n[k] >= 0 && o0 + row < bo && co < g.cout;
       sm.a[row * A_LD + k] = ok ? dy[offset(g.sa, pix_n[k], co, pix_oh[k], pix_ow[k])] : zero_value<T>();
     }
     for (int e = tid; e < TK * TN; e += THREADS) {  // B = x at this tap: rows are pixels
-      const int n = x_channels_fast ? e % TN : e / TK;
-      const int k = x_channels_fast ? e / TN : e % TK;
+      int k, n;
+      tile_walk(e, TK, TN, x_channels_fast, k, n);
       const int ch = ch0 + i0 + n;
       const int ih = pix_ih[k], iw = pix_iw[k];
       const bool ok = pix_n[k] >= 0 && i0 + n < bi && ch < g.cin && ih >= 0 && ih < g.h && iw >= 0 && iw < g.w;
@@ -259,7 +271,8 @@ __global__ void __launch_bounds__(THREADS) grad_blocks_kernel(
     return;
   }
   for (int e = tid; e < TM * TN; e += THREADS) {
-    const int row = e / TN, n = e % TN;
+    int row, n;
+    tile_walk(e, TM, TN, true, row, n);
     if (o0 + row >= bo || i0 + n >= bi) continue;
     const float v = sm.c[row * C_LD + n];
     const int64_t at = (static_cast<int64_t>(split) * n_out + o) * bo * bi + (o0 + row) * bi + i0 + n;

@@ -66,7 +66,7 @@ class Backend:
 
     def devices(self) -> Optional[Tuple[str, ...]]:
         """Device types handled now (read per call: TRITON_INTERPRET may be set after import)."""
-        if self.cpu_when_interpreted and self.device_types is not None and _triton_interpreted():
+        if self.cpu_when_interpreted and self.device_types is not None and triton_interpreted():
             return self.device_types + ("cpu",)
         return self.device_types
 
@@ -103,7 +103,7 @@ def _load_cpu() -> ModuleType:
         ) from None
 
 
-def _triton_interpreted() -> bool:
+def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
@@ -112,7 +112,7 @@ def _load_triton() -> ModuleType:
         importlib.import_module("triton")
     except ImportError:
         raise BackendUnavailableError("triton missing: pip install triton") from None
-    if not torch.cuda.is_available() and not _triton_interpreted():
+    if not torch.cuda.is_available() and not triton_interpreted():
         raise BackendUnavailableError(
             "no CUDA GPU is visible (set TRITON_INTERPRET=1 to run the kernels on the CPU, slowly)"
         )

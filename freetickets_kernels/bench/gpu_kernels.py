@@ -173,11 +173,11 @@ def add_arguments(parser: argparse.ArgumentParser, out_default: str) -> None:
 
 
 def _device_and_backends(args) -> tuple:
-    from ..backends.triton.tuning import interpreted
+    from ..backends import triton_interpreted
 
     if torch.cuda.is_available():
         device = torch.device("cuda")
-    elif interpreted() and args.quick:
+    elif triton_interpreted() and args.quick:
         device = torch.device("cpu")
     else:
         raise ValueError("no CUDA GPU is visible (for a plumbing check without one: "

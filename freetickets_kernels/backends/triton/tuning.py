@@ -9,16 +9,12 @@ interpreter's speed says nothing about a GPU's.
 
 from __future__ import annotations
 
-import os
 from typing import Dict, List
 
 import torch
 import triton
 
-
-def interpreted() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+from .. import triton_interpreted as interpreted
 
 
 _INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 16}, num_warps=4, num_stages=1)
