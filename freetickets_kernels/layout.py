@@ -26,6 +26,11 @@ INDEX_DTYPE = torch.int32
 _INT32_MAX = 2**31 - 1
 
 
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division of ints (and of torch's symbolic ints, unlike math.ceil(a / b))."""
+    return -(-a // b)
+
+
 def pair(value: IntPair, name: str) -> Tuple[int, int]:
     """Turn an int or a pair of ints into a pair, refusing anything else."""
     if isinstance(value, bool):

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from . import backends
-from .layout import BlockSparseLayout, IntPair
+from .layout import BlockSparseLayout, IntPair, cdiv
 from .validation import (
     check_conv_input,
     check_layout,
@@ -30,10 +30,6 @@ __all__ = ["block_sparse_linear", "block_sparse_conv2d", "dense_grad_block_norms
 
 def _impl(t: Tensor):
     return backends.select(t.device, t.dtype).module
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 # --------------------------------------------------------------------- linear
@@ -226,7 +222,7 @@ def linear_grad_block_norms(grad_out: Tensor, x: Tensor, block_size: List[int]) 
 
 @linear_grad_block_norms.register_fake
 def _(grad_out, x, block_size):
-    return x.new_empty(_cdiv(grad_out.shape[1], block_size[0]), _cdiv(x.shape[1], block_size[1]))
+    return x.new_empty(cdiv(grad_out.shape[1], block_size[0]), cdiv(x.shape[1], block_size[1]))
 
 
 @torch.library.custom_op("freetickets::conv2d_grad_block_norms", mutates_args=())
@@ -247,8 +243,8 @@ def conv2d_grad_block_norms(
 
 @conv2d_grad_block_norms.register_fake
 def _(grad_out, x, block_size, kernel_size, stride, padding, dilation):
-    cols = kernel_size[0] * kernel_size[1] * _cdiv(x.shape[1], block_size[1])
-    return x.new_empty(_cdiv(grad_out.shape[1], block_size[0]), cols)
+    cols = kernel_size[0] * kernel_size[1] * cdiv(x.shape[1], block_size[1])
+    return x.new_empty(cdiv(grad_out.shape[1], block_size[0]), cols)
 
 
 # ------------------------------------------------------------- public API

@@ -64,6 +64,21 @@ __device__ __forceinline__ void tile_walk(int e, int rows, int cols, bool cols_f
   col = cols_fast ? e % cols : e / rows;
 }
 
+// B operand tile [TK][TN] from one weight block [bo, bi] (row-major, contiguous
+// along bi): forward multiplies by the block transposed, B[k][n] = block[n0+n][k0+k];
+// grad_input by the block itself, B[k][n] = block[k0+k][n0+n].  Out-of-block: zero.
+template <typename T>
+__device__ __forceinline__ void load_block_tile(T* b, const T* blk, int bo, int bi, int k0, int n0,
+                                                bool transposed) {
+  for (int e = threadIdx.x; e < TK * TN; e += THREADS) {
+    int k, n;
+    tile_walk(e, TK, TN, !transposed, k, n);  // walk along bi, the block's contiguous dimension
+    const int o = transposed ? n0 + n : k0 + k;
+    const int i = transposed ? k0 + k : n0 + n;
+    b[k * B_LD + n] = o < bo && i < bi ? blk[o * bi + i] : zero_value<T>();
+  }
+}
+
 // ---------------------------------------------------------------- forward
 
 template <typename T>
@@ -105,12 +120,7 @@ __global__ void __launch_bounds__(THREADS) forward_kernel(
                         iw < g.w;
         sm.a[row * A_LD + k] = ok ? x[offset(g.sa, row_n[row], ch, ih, iw)] : zero_value<T>();
       }
-      for (int e = tid; e < TK * TN; e += THREADS) {
-        int k, n;
-        tile_walk(e, TK, TN, false, k, n);  // B = block^T; the block is contiguous along k
-        const bool ok = n0 + n < bo && k0 + k < bi;
-        sm.b[k * B_LD + n] = ok ? blk[(n0 + n) * bi + k0 + k] : zero_value<T>();
-      }
+      load_block_tile(sm.b, blk, bo, bi, k0, n0, /*transposed=*/true);
       __syncthreads();
       mma.step(sm.a, sm.b);
     }
@@ -179,12 +189,7 @@ __global__ void __launch_bounds__(THREADS) grad_input_kernel(
           const bool ok = tap_oh[row] >= 0 && k0 + k < bo && co < g.cout;
           sm.a[row * A_LD + k] = ok ? dy[offset(g.sa, row_n[row], co, tap_oh[row], tap_ow[row])] : zero_value<T>();
         }
-        for (int e = tid; e < TK * TN; e += THREADS) {
-          int k, n;
-          tile_walk(e, TK, TN, true, k, n);  // the block is contiguous along n here
-          const bool ok = k0 + k < bo && n0 + n < bi;
-          sm.b[k * B_LD + n] = ok ? blk[(k0 + k) * bi + n0 + n] : zero_value<T>();
-        }
+        load_block_tile(sm.b, blk, bo, bi, k0, n0, /*transposed=*/false);
         __syncthreads();
         mma.step(sm.a, sm.b);
       }

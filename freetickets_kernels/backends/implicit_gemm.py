@@ -23,12 +23,8 @@ from typing import Optional, Protocol, Sequence, Tuple
 
 import torch
 
-from ..layout import expand_ptr
+from ..layout import BlockSparseLayout, cdiv, expand_ptr
 from ..validation import conv_memory_format, conv_output_size
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 @dataclass(frozen=True)
@@ -63,8 +59,7 @@ class ConvProblem:
                 cdiv(self.cin, block_in), *self.stride, *self.padding, *self.dilation)
 
     def block_grid(self, block_size: Sequence[int]) -> Tuple[int, int]:
-        bo, bi = block_size
-        return cdiv(self.cout, bo), self.kernel[0] * self.kernel[1] * cdiv(self.cin, bi)
+        return BlockSparseLayout.grid_for((self.cout, self.cin, *self.kernel), tuple(block_size))
 
 
 def strides(t: torch.Tensor) -> Tuple[int, int, int, int]:

@@ -13,7 +13,7 @@ from typing import List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..layout import block_norms, expand_ptr, from_gemm_blocks, to_gemm_blocks
+from ..layout import block_norms, cdiv, expand_ptr, from_gemm_blocks, to_gemm_blocks
 from ..validation import conv_memory_format
 
 NAME = "reference"
@@ -27,7 +27,7 @@ def _weight_shape(out_features: int, in_features: int, kernel_size: Optional[Seq
 
 def _grid_cols(in_features: int, bi: int, kernel_size: Optional[Sequence[int]]) -> int:
     taps = 1 if kernel_size is None else kernel_size[0] * kernel_size[1]
-    return taps * -(-in_features // bi)
+    return taps * cdiv(in_features, bi)
 
 
 def _densify(values, ptr, idx, slot, n_outer, n_inner, transposed, weight_shape):
@@ -70,7 +70,7 @@ def linear_forward(x, values, row_ptr, col_idx, slot, bias, out_features: int):
 
 def linear_grad_input(grad_out, values, col_ptr, row_idx, tslot, in_features: int):
     out_features = grad_out.shape[1]
-    r = -(-out_features // values.shape[1])
+    r = cdiv(out_features, values.shape[1])
     w = _densify(
         values, col_ptr, row_idx, tslot, col_ptr.numel() - 1, r, True, (out_features, in_features)
     )
@@ -110,7 +110,7 @@ def conv2d_grad_input(
     grad_out, values, col_ptr, row_idx, tslot, input_size, kernel_size, stride, padding, dilation
 ):
     out_channels = grad_out.shape[1]
-    r = -(-out_channels // values.shape[1])
+    r = cdiv(out_channels, values.shape[1])
     w = _densify(
         values, col_ptr, row_idx, tslot, col_ptr.numel() - 1, r, True,
         _weight_shape(out_channels, input_size[1], kernel_size),
