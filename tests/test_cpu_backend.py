@@ -5,7 +5,7 @@ import torch
 
 import freetickets_kernels as ftk
 
-from conftest import CONV_CASES, LINEAR_CASES, random_layout, random_values, run_op
+from conftest import CONV_CASES, LINEAR_CASES, assert_close_scaled, random_layout, random_values, run_op
 
 pytestmark = pytest.mark.skipif(
     "cpu" not in ftk.available_backends(), reason="C++ CPU extension not built"
@@ -81,6 +81,32 @@ def test_conv2d_channels_last_and_noncontiguous_input():
     _compare(lambda x, v: ftk.block_sparse_conv2d(x, v, layout, None, 1, 1), [xt, values])
 
 
+@pytest.mark.parametrize("grad_format", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("shape,kernel,stride,padding", [
+    ((3, 24, 9, 9), 3, 1, 1),   # long enough to split the reduction among threads
+    ((2, 24, 7, 1), (3, 1), 1, (1, 0)),  # one output column: rows step the pixels
+    ((2, 24, 6, 6), 1, 1, 0),   # pointwise: the linear path over pixels
+])
+def test_conv2d_grad_values_reads_any_grad_out_layout(grad_format, shape, kernel, stride, padding):
+    from freetickets_kernels.backends import cpu, reference
+
+    kernel = (kernel, kernel) if isinstance(kernel, int) else kernel
+    pad = (padding, padding) if isinstance(padding, int) else padding
+    layout = random_layout((40, 24) + kernel, (16, 8), 0.5, seed=21)
+    x = torch.randn(shape)
+    out_hw = [shape[2] + 2 * pad[0] - kernel[0] + 1, shape[3] + 2 * pad[1] - kernel[1] + 1]
+    dy = torch.randn(shape[0], 40, *out_hw)
+    if grad_format == "channels_last":
+        dy = dy.contiguous(memory_format=torch.channels_last)
+    elif grad_format == "strided":
+        dy = torch.randn(shape[0], 80, *out_hw)[:, ::2]
+    idx = layout.indices
+    args = (idx.row_ptr, idx.col_idx, idx.slot, list(layout.block_size), list(kernel), [stride] * 2, list(pad), [1, 1])
+    got = cpu.conv2d_grad_values(dy, x, *args)
+    want = reference.conv2d_grad_values(dy.double(), x.double(), *args)
+    torch.testing.assert_close(got, want.float(), **FP32)
+
+
 def test_cpu_is_default_for_float32_cpu_tensors():
     from freetickets_kernels import backends
 
@@ -100,8 +126,10 @@ def test_results_do_not_depend_on_thread_count():
             outs.append(run_op("cpu", lambda x, v: ftk.block_sparse_conv2d(x, v, layout, None, 1, 1), [x, values]))
     finally:
         torch.set_num_threads(before)
+    # no races: the same sums, though a long reduction split among more threads
+    # adds its partial sums in another order (fp32 rounding only)
     for a, b in zip(*outs):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        assert_close_scaled(a, b.double(), rtol=1e-5, atol=1e-5)
 
 
 def test_corrupted_indices_raise_instead_of_crashing():
@@ -139,7 +167,8 @@ def test_forward_transposes_values_up_front_or_on_the_fly(rows):
 @pytest.mark.parametrize("tokens", [16, 20, 64, 70])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_linear_weights_first_path_for_few_tokens(tokens, with_bias):
-    # few tokens and many live values: the forward computes Y^T = W X^T (values as stored)
+    # many live values: up to 64 tokens the forward computes Y^T = W X^T (values as
+    # stored); beyond, each thread transposes its group of blocks (70 tokens)
     layout = random_layout((200, 300), (16, 16), 0.9, seed=14)
     values = random_values(layout, dtype=torch.float32)
     assert tokens * (200 + 300) < layout.nnzb * 16 * 16

@@ -148,7 +148,7 @@ at::Tensor to_conv_output(const at::Tensor& nhwc, const at::Tensor& like) {
 // C[M, ldc] gets n_blocks column blocks of `width`; block j sums terms
 // [term_ptr[j], term_ptr[j+1]).  fill_rows(m0, tn, segs, nsegs, a_rows) sets
 // the A row pointers ([nseg][kMaxTileRows]) of tile rows m0..m0+tn (unused rows
-// -> zeros) for the listed segments only: those the block's terms read.
+// -> zeros) for the listed segments only: those some block of the group reads.
 // With row_group > 0 the terms belong to groups of row_group rows instead, and
 // column block j reads B's columns from j * width on (B is then one matrix
 // with ldb readable columns, not packed blocks).
@@ -165,53 +165,114 @@ struct SparseGemm {
   const float* bias;  // padded to n_blocks * width, or nullptr
   int nseg;
   int64_t row_group = 0;
+  // Terms point at B stored transposed ([width][ldb_t] row-major, as the
+  // values of a BSR block are): each group transposes its blocks into a
+  // thread-local panel once, then runs every row through them.
+  bool transposed_b = false;
+  int64_t ldb_t = 0;
 };
+
+// Consecutive column blocks that a tile computes one after the other with the
+// same A row pointers.  Setting those pointers (conv: a tap's padding checks
+// for every row) costs as much as a few terms, so it is done once per tile for
+// a whole group; a group's B (its terms' blocks, up to kGroupBytes) stays in L2
+// while the tile walks it.  Groups get smaller when few row chunks would leave
+// threads idle.
+struct BlockGroups {
+  std::vector<int64_t> begin;  // group i holds blocks [begin[i], begin[i + 1])
+  std::vector<int64_t> seg_ptr;
+  std::vector<int32_t> segs;  // segments (conv taps) group i reads: segs[seg_ptr[i]..seg_ptr[i+1])
+};
+
+BlockGroups group_blocks(const SparseGemm& g, int64_t n_chunks) {
+  constexpr int64_t kGroupBytes = 256 << 10;
+  BlockGroups out;
+  const int64_t bytes_per_k = int64_t(g.width) * int64_t(sizeof(float));
+  int64_t total = 0;
+  for (const Term& t : g.terms) total += t.k * bytes_per_k;
+  const int64_t want_groups = cdiv(4 * int64_t(at::get_num_threads()), n_chunks);
+  const int64_t limit = std::max<int64_t>(1, std::min(kGroupBytes, total / want_groups));
+  std::vector<char> seen(size_t(g.nseg));
+  int64_t bytes = 0;
+  out.begin.push_back(0);
+  out.seg_ptr.push_back(0);
+  for (int64_t blk = 0; blk < g.n_blocks; ++blk) {
+    for (int64_t i = g.term_ptr[blk]; i < g.term_ptr[blk + 1]; ++i) {
+      bytes += g.terms[i].k * bytes_per_k;
+      seen[g.terms[i].seg] = 1;
+    }
+    if (bytes >= limit || blk + 1 == g.n_blocks) {
+      out.begin.push_back(blk + 1);
+      for (int32_t sg = 0; sg < g.nseg; ++sg)
+        if (seen[sg]) out.segs.push_back(sg);
+      out.seg_ptr.push_back(int64_t(out.segs.size()));
+      std::fill(seen.begin(), seen.end(), 0);
+      bytes = 0;
+    }
+  }
+  return out;
+}
 
 template <class FillRows>
 void run(const SparseGemm& g, FillRows fill_rows) {
   const IsaKernel& k = isa();
   const int tr = std::min(k.tile_rows(g.width), kMaxTileRows);
-  const int64_t chunk = g.row_group ? g.row_group : int64_t(tr) * 4;
+  const int64_t chunk = g.row_group ? g.row_group : g.transposed_b ? g.rows : int64_t(tr) * 4;
   const int64_t n_chunks = cdiv(g.rows, chunk);
-  // segments each group's terms read (conv: the taps it has live blocks at)
-  const int64_t n_groups = int64_t(g.term_ptr.size()) - 1;
-  std::vector<int64_t> seg_ptr{0};
-  std::vector<int32_t> segs;
-  std::vector<char> seen(size_t(g.nseg));
-  for (int64_t grp = 0; grp < n_groups; ++grp) {
-    std::fill(seen.begin(), seen.end(), 0);
-    for (int64_t i = g.term_ptr[grp]; i < g.term_ptr[grp + 1]; ++i) seen[g.terms[i].seg] = 1;
-    for (int32_t sg = 0; sg < g.nseg; ++sg)
-      if (seen[sg]) segs.push_back(sg);
-    seg_ptr.push_back(int64_t(segs.size()));
+  BlockGroups groups;
+  if (g.row_group) {  // each chunk has its own terms and one segment; every B panel is a group
+    for (int64_t blk = 0; blk <= g.n_blocks; ++blk) groups.begin.push_back(blk);
+  } else {
+    groups = group_blocks(g, n_chunks);
   }
-  at::parallel_for(0, n_chunks * g.n_blocks, 1, [&](int64_t begin, int64_t end) {
+  const int32_t only_segment = 0;
+  const int64_t n_groups = int64_t(groups.begin.size()) - 1;
+  at::parallel_for(0, n_chunks * n_groups, 1, [&](int64_t begin, int64_t end) {
     std::vector<const float*> a_rows(size_t(g.nseg) * kMaxTileRows);
     float* c_rows[kMaxTileRows];
+    std::vector<Term> packed_terms;
+    std::vector<float> panel;
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t blk = item % g.n_blocks, chunk_i = item / g.n_blocks;
-      const int64_t group = g.row_group ? chunk_i : blk;
+      const int64_t grp = item % n_groups, chunk_i = item / n_groups;
       const int64_t m_end = std::min(g.rows, (chunk_i + 1) * chunk);
+      const Term* terms = g.terms.data();
+      if (g.transposed_b) {  // B block [width][ldb_t] -> panel [k][width]
+        const int64_t t0 = g.term_ptr[groups.begin[grp]], t1 = g.term_ptr[groups.begin[grp + 1]];
+        panel.resize(size_t((t1 - t0) * g.ldb_t * g.width));
+        packed_terms.assign(g.terms.begin() + t0, g.terms.begin() + t1);
+        for (int64_t i = 0; i < t1 - t0; ++i) {
+          float* dst = panel.data() + i * g.ldb_t * g.width;
+          const float* src = packed_terms[i].b;
+          for (int64_t o = 0; o < g.width; ++o)
+            for (int64_t kk = 0; kk < g.ldb_t; ++kk) dst[kk * g.width + o] = src[o * g.ldb_t + kk];
+          packed_terms[i].b = dst;
+        }
+        terms = packed_terms.data() - t0;  // indexed by term_ptr like g.terms
+      }
+      const int32_t* segs = g.row_group ? &only_segment : groups.segs.data() + groups.seg_ptr[grp];
+      const int64_t nsegs = g.row_group ? 1 : groups.seg_ptr[grp + 1] - groups.seg_ptr[grp];
       for (int64_t m0 = chunk_i * chunk; m0 < m_end; m0 += tr) {
         const int tn = int(std::min<int64_t>(tr, m_end - m0));
-        fill_rows(m0, tn, segs.data() + seg_ptr[group], seg_ptr[group + 1] - seg_ptr[group],
-                  a_rows.data());
-        for (int t = 0; t < tn; ++t) c_rows[t] = g.c + (m0 + t) * g.ldc + blk * g.width;
-        TileArgs args;
-        args.tn = tn;
-        args.width = g.width;
-        args.w_valid = int(std::min<int64_t>(g.width, g.out_cols - blk * g.width));
-        // packed blocks are zero-padded to full width; a B matrix may end mid-panel
-        args.b_full_width = !g.row_group || (blk + 1) * g.width <= g.ldb;
-        args.accumulate = false;
-        args.a_rows = a_rows.data();
-        args.terms = g.terms.data() + g.term_ptr[group];
-        args.nterms = g.term_ptr[group + 1] - g.term_ptr[group];
-        args.ldb = g.ldb;
-        args.b_off = g.row_group ? blk * g.width : 0;
-        args.bias = g.bias ? g.bias + blk * g.width : nullptr;
-        args.c_rows = c_rows;
-        k.tile(args);
+        fill_rows(m0, tn, segs, nsegs, a_rows.data());
+        for (int64_t blk = groups.begin[grp]; blk < groups.begin[grp + 1]; ++blk) {
+          const int64_t term_group = g.row_group ? chunk_i : blk;
+          for (int t = 0; t < tn; ++t) c_rows[t] = g.c + (m0 + t) * g.ldc + blk * g.width;
+          TileArgs args;
+          args.tn = tn;
+          args.width = g.width;
+          args.w_valid = int(std::min<int64_t>(g.width, g.out_cols - blk * g.width));
+          // packed blocks are zero-padded to full width; a B matrix may end mid-panel
+          args.b_full_width = !g.row_group || (blk + 1) * g.width <= g.ldb;
+          args.accumulate = false;
+          args.a_rows = a_rows.data();
+          args.terms = terms + g.term_ptr[term_group];
+          args.nterms = g.term_ptr[term_group + 1] - g.term_ptr[term_group];
+          args.ldb = g.ldb;
+          args.b_off = g.row_group ? blk * g.width : 0;
+          args.bias = g.bias ? g.bias + blk * g.width : nullptr;
+          args.c_rows = c_rows;
+          k.tile(args);
+        }
       }
     }
   });
@@ -232,88 +293,191 @@ struct Entry {
 };
 
 // A piece of the grad-values reduction: k consecutive reduction indices whose
-// A values start at a_off in every dyt row and whose B rows start at b_off
-// and are ldb apart.  Linear: chunks of tokens.  Conv: the output pixels of
-// one output row that a tap reads inside the image (padding reads zeros and
-// is skipped), so no shifted copy of the input is ever made.
+// A values start at a_off in every A row and whose B rows start at b_off and
+// are ldb apart.  Linear: chunks of tokens.  Conv: the output pixels of one
+// output row that a tap reads inside the image (padding reads zeros and is
+// skipped), so no shifted copy of the input is ever made.
 struct Segment {
   int64_t a_off, b_off;
   int32_t k;
 };
 
-// dv_partial[split, slot] = sum over segments of dyt[r-block rows, seg] . B[seg, col0:col0+Bi]
-// for every entry.  dyt is [out_rows, K].  The segments are split `splits`
-// ways so that few blocks still use every thread.
-void grad_values_blocks(const at::Tensor& dyt, const float* b, int64_t ldb, int64_t in_cols,
-                        const std::vector<Segment>& segs, const std::vector<Entry>& entries,
-                        at::Tensor& dv_partial) {
-  if (entries.empty() || segs.empty()) return;
+// The A operand of grad-values, dy^T, read in place from grad_out: output
+// feature/channel o's reduction row starts at base + o * row_stride and steps
+// k_stride per reduction index; the reduction index of pixel p of image n is
+// at n * image_stride + p * k_stride (a segment's a_off).  A strided row costs
+// no more than a transposed copy would: a tile's rows are neighbouring
+// channels, so each reduction step reads one cache line for all of them.
+struct GradRows {
+  const float* base;
+  int64_t row_stride, k_stride, image_stride, rows;
+};
+
+// Where grad-values go.  A long reduction is split among threads, each
+// summing its share of every block into its own partial sums
+// [splits, nnzb, Bo, Bi] (scratch, added up at the end); otherwise threads
+// share out the blocks and the kernel writes the result itself.
+struct GradValues {
+  at::Tensor buffer;
+  int64_t splits, nnzb, bo, bi;
+  float* block(int64_t split, int64_t slot) const {
+    return buffer.data_ptr<float>() + (split * nnzb + slot) * bo * bi;
+  }
+  at::Tensor result() const { return splits == 1 ? buffer.select(0, 0) : buffer.sum(0); }
+};
+
+// `units`: how many pieces the reduction comes in; `streamed`: floats of A and
+// B the reduction reads.  `ragged`: some block reaches past the weight, whose
+// padding the kernel never stores, so it must start as zeros.
+GradValues new_grad_values(const at::Tensor& like, int64_t nnzb, int64_t bo, int64_t bi, int64_t units,
+                           int64_t streamed, bool ragged) {
+  const int64_t threads = at::get_num_threads(), values = nnzb * bo * bi;
+  // Splitting pays when blocks alone cannot feed every thread, or when each
+  // block's share of A and B (read again per block) outweighs a partial copy
+  // of all blocks per thread.
+  int64_t splits = 1;
+  if (nnzb < 4 * threads || values * threads <= streamed) splits = std::min(threads, units);
+  if (splits <= 1) {
+    const auto sizes = {int64_t(1), nnzb, bo, bi};
+    return {ragged ? at::zeros(sizes, like.options()) : at::empty(sizes, like.options()), 1, nnzb, bo, bi};
+  }
+  return {scratch(kPartial, {splits, nnzb, bo, bi}, like.options()).zero_(), splits, nnzb, bo, bi};
+}
+
+// The grad-values work of one conv tap (linear: the only one): its live
+// blocks, and its reduction segments grouped by unit (conv: an output row;
+// linear: a run of tokens): unit u's are segs[unit_ptr[u] .. unit_ptr[u+1]).
+struct TapWork {
+  std::vector<Entry> entries;
+  std::vector<Segment> segs;
+  std::vector<int64_t> unit_ptr;
+};
+
+// dv[split, slot] (+)= sum over segments of A[r-block rows, seg] . B[seg, col0:col0+Bi]
+// for every entry.  Entries of one block column share B, whose rows are
+// gathered once per chunk (~256 reduction steps) into a contiguous panel that
+// stays in L1 while the column's blocks use it.  Split: each thread walks its
+// units chunk by chunk through every tap and block, so A and B are read once.
+// Unsplit: each thread takes whole block columns through all units.
+void grad_values_blocks(const GradRows& a, const float* b, int64_t ldb, int64_t in_cols,
+                        std::vector<TapWork>& taps, int64_t n_units, const GradValues& dv) {
   const IsaKernel& k = isa();
-  const int64_t splits = dv_partial.size(0), bo = dv_partial.size(2), bi = dv_partial.size(3);
-  const int64_t out_rows = dyt.size(0), K = dyt.size(1);
+  const int64_t bo = dv.bo, bi = dv.bi;
   const int tr = std::min(k.tile_rows(int(bi)), kMaxTileRows);
-  constexpr int64_t kChunk = 256;  // reduction length per pass: its B rows stay in L1/L2
-  const float* a = dyt.data_ptr<float>();
-  float* dv = dv_partial.data_ptr<float>();
-  const int64_t nnzb = dv_partial.size(1), nseg = int64_t(segs.size());
-  at::parallel_for(0, int64_t(entries.size()) * splits, 1, [&](int64_t begin, int64_t end) {
+  constexpr int64_t kChunk = 256;
+  std::vector<std::pair<int64_t, size_t>> columns;  // (tap, first entry) of each block column
+  int64_t most_k = 1;
+  for (int64_t tap = 0; tap < int64_t(taps.size()); ++tap) {
+    std::vector<Entry>& es = taps[tap].entries;
+    std::sort(es.begin(), es.end(), [](const Entry& x, const Entry& y) {
+      return x.col0 != y.col0 ? x.col0 < y.col0 : x.r < y.r;
+    });
+    for (size_t e = 0; e < es.size(); ++e)
+      if (e == 0 || es[e].col0 != es[e - 1].col0) columns.push_back({tap, e});
+    for (const Segment& s : taps[tap].segs) most_k = std::max<int64_t>(most_k, s.k);
+  }
+  const int64_t units_per_chunk = std::max<int64_t>(1, kChunk / most_k);
+
+  struct Worker {
+    std::vector<Term> terms;
+    std::vector<float> panel;
+  };
+  // One block column over units [u0, u1): pack its B rows, run every block.
+  auto column = [&](Worker& w, int64_t tap, size_t first_entry, int64_t u0, int64_t u1, int64_t split,
+                    bool accumulate) -> bool {
+    const TapWork& tw = taps[tap];
+    const int64_t s0 = tw.unit_ptr[u0], s1 = tw.unit_ptr[u1];
+    if (s0 == s1) return false;
+    const int64_t col0 = tw.entries[first_entry].col0, valid = std::min(bi, in_cols - col0);
+    int64_t kc = 0;
+    for (int64_t s = s0; s < s1; ++s) kc += tw.segs[s].k;
+    w.panel.resize(size_t(kc * bi));
+    w.terms.clear();
+    float* dst = w.panel.data();
+    for (int64_t s = s0; s < s1; ++s) {
+      const Segment& sg = tw.segs[s];
+      w.terms.push_back({0, sg.k, sg.a_off, dst});
+      const float* src = b + sg.b_off + col0;
+      for (int32_t kk = 0; kk < sg.k; ++kk, src += ldb, dst += bi) {
+        if (valid == bi) {
+          for (int64_t c = 0; c < bi; ++c) dst[c] = src[c];
+        } else {
+          for (int64_t c = 0; c < bi; ++c) dst[c] = c < valid ? src[c] : 0.f;
+        }
+      }
+    }
     const float* a_rows[kMaxTileRows];
     float* c_rows[kMaxTileRows];
-    std::vector<Term> terms;
-    for (int64_t item = begin; item < end; ++item) {
-      const Entry& en = entries[item / splits];
-      const int64_t split = item % splits;
-      const int64_t s_begin = nseg * split / splits, s_end = nseg * (split + 1) / splits;
-      float* block = dv + (split * nnzb + en.slot) * bo * bi;
-      bool first = true;
-      for (int64_t s0 = s_begin; s0 < s_end;) {
-        terms.clear();
-        int64_t kc = 0;
-        for (; s0 < s_end && kc < kChunk; ++s0) {
-          terms.push_back({0, segs[s0].k, segs[s0].a_off, b + segs[s0].b_off + en.col0});
-          kc += segs[s0].k;
+    for (size_t e = first_entry; e < tw.entries.size() && tw.entries[e].col0 == col0; ++e) {
+      const Entry& en = tw.entries[e];
+      float* block = dv.block(split, en.slot);
+      const int64_t rows = std::min(bo, a.rows - en.r * bo);
+      const int64_t per_tile = cdiv(rows, cdiv(rows, tr));  // even tiles: 16 rows as 8 + 8, not 12 + 4
+      for (int64_t o0 = 0; o0 < rows; o0 += per_tile) {
+        const int tn = int(std::min(per_tile, rows - o0));
+        const int64_t row0 = en.r * bo + o0;
+        for (int t = 0; t < kMaxTileRows; ++t) {
+          a_rows[t] = a.base + (row0 + std::min(t, tn - 1)) * a.row_stride;  // unused rows repeat a real one
+          if (t < tn) c_rows[t] = block + (o0 + t) * bi;
         }
-        for (int64_t o0 = 0; o0 < bo; o0 += tr) {
-          const int64_t row0 = en.r * bo + o0;
-          const int tn = int(std::min<int64_t>({tr, bo - o0, out_rows - row0}));
-          if (tn <= 0) break;
-          for (int t = 0; t < kMaxTileRows; ++t) {
-            a_rows[t] = a + (row0 + std::min(t, tn - 1)) * K;  // unused rows repeat a real one
-            if (t < tn) c_rows[t] = block + (o0 + t) * bi;
-          }
-          TileArgs args;
-          args.tn = tn;
-          args.width = int(bi);
-          args.w_valid = int(std::min(bi, in_cols - en.col0));
-          args.b_full_width = en.col0 + bi <= in_cols;
-          args.accumulate = !first;
-          args.a_rows = a_rows;
-          args.terms = terms.data();
-          args.nterms = int64_t(terms.size());
-          args.ldb = ldb;
-          args.b_off = 0;
-          args.bias = nullptr;
-          args.c_rows = c_rows;
-          k.tile(args);
-        }
-        first = false;
+        TileArgs args;
+        args.tn = tn;
+        args.width = int(bi);
+        args.w_valid = int(valid);
+        args.b_full_width = true;  // the panel is zero-padded to Bi columns
+        args.accumulate = accumulate;
+        args.a_rows = a_rows;
+        args.a_stride = a.k_stride;
+        args.terms = w.terms.data();
+        args.nterms = int64_t(w.terms.size());
+        args.ldb = bi;
+        args.b_off = 0;
+        args.bias = nullptr;
+        args.c_rows = c_rows;
+        k.tile(args);
+      }
+    }
+    return true;
+  };
+
+  if (dv.splits > 1) {  // partial sums start at zero: always accumulate
+    at::parallel_for(0, dv.splits, 1, [&](int64_t begin, int64_t end) {
+      Worker w;
+      for (int64_t split = begin; split < end; ++split) {
+        const int64_t u_end = n_units * (split + 1) / dv.splits;
+        for (int64_t u0 = n_units * split / dv.splits; u0 < u_end; u0 += units_per_chunk)
+          for (const auto& col : columns)
+            column(w, col.first, col.second, u0, std::min(u_end, u0 + units_per_chunk), split, true);
+      }
+    });
+    return;
+  }
+  at::parallel_for(0, int64_t(columns.size()), 1, [&](int64_t begin, int64_t end) {
+    Worker w;
+    for (int64_t c = begin; c < end; ++c) {
+      bool written = false;
+      for (int64_t u0 = 0; u0 < n_units; u0 += units_per_chunk)
+        written |= column(w, columns[c].first, columns[c].second, u0, std::min(n_units, u0 + units_per_chunk), 0,
+                          written);
+      if (!written) {  // no reduction step reaches these blocks: their gradient is zero
+        const TapWork& tw = taps[columns[c].first];
+        for (size_t e = columns[c].second; e < tw.entries.size() && tw.entries[e].col0 == tw.entries[columns[c].second].col0; ++e)
+          std::fill_n(dv.block(0, tw.entries[e].slot), bo * bi, 0.f);
       }
     }
   });
 }
 
-at::Tensor new_grad_values(const at::Tensor& like, int64_t nnzb, int64_t bo, int64_t bi,
-                           int64_t K, size_t n_entries) {
-  // Split the reduction when there are too few blocks to keep every thread busy.
-  const int64_t threads = at::get_num_threads();
-  int64_t splits = 1;
-  if (int64_t(n_entries) < 4 * threads) splits = std::max<int64_t>(1, std::min(threads * 4, K / 512));
-  return scratch(kPartial, {splits, nnzb, bo, bi}, like.options()).zero_();
-}
-
-// The result: a fresh tensor (the partial sums live in scratch).
-at::Tensor reduce_splits(const at::Tensor& partial) {
-  return partial.size(0) == 1 ? partial.select(0, 0).clone() : partial.sum(0);
+// Live blocks as grad-values entries, one TapWork per tap (linear: one tap).
+std::vector<TapWork> taps_with_entries(const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& slot,
+                                       int64_t taps, int64_t cols_per_tap, int64_t bi) {
+  const int32_t *rp = row_ptr.data_ptr<int32_t>(), *ci = col_idx.data_ptr<int32_t>(),
+                *sl = slot.data_ptr<int32_t>();
+  std::vector<TapWork> work(static_cast<size_t>(taps));
+  for (int64_t r = 0; r + 1 < row_ptr.numel(); ++r)
+    for (int32_t e = rp[r]; e < rp[r + 1]; ++e)
+      work[ci[e] / cols_per_tap].entries.push_back({r, (ci[e] % cols_per_tap) * bi, sl[e]});
+  return work;
 }
 
 // ------------------------------------------------------------------ linear
@@ -350,6 +514,9 @@ void linear_forward_weights_first(const at::Tensor& x, const at::Tensor& values,
   }
 }
 
+// Up to one B panel (64 tokens) the weights-first forward streams the values once.
+constexpr int64_t kWeightsFirstTokens = 64;
+
 // y [N, out] (contiguous) = x W^T + bias: the forward of linear and of pointwise convs.
 void linear_forward_into(const at::Tensor& x_, const at::Tensor& values_, const at::Tensor& row_ptr,
                          const at::Tensor& col_idx, const at::Tensor& slot,
@@ -361,16 +528,24 @@ void linear_forward_into(const at::Tensor& x_, const at::Tensor& values_, const 
   const int64_t bo = values_.size(1), bi = values_.size(2), R = row_ptr.numel() - 1;
   check_indices(row_ptr, col_idx, slot, cdiv(in, bi), nnzb, "BSR");
   TORCH_CHECK(R == cdiv(out_features, bo), "freetickets_cpu: row_ptr does not match out_features");
-  // The kernel vectorizes along B's rows.  Y = X W^T wants W^T, a transposed
-  // copy of all values; Y^T = W X^T uses the values as stored and transposes
-  // X and Y instead, which is cheaper for few tokens.
-  if (n >= 16 && n * (in + out_features) < nnzb * bo * bi)
+  // The kernel vectorizes along B's rows: Y = X W^T wants W^T.  When the
+  // values outweigh the activations, few tokens (one panel) compute
+  // Y^T = W X^T with the values as stored, and more tokens transpose the
+  // values block group by block group inside the threads; otherwise one
+  // transposed copy of all values is cheapest.
+  const bool values_dominate = n * (in + out_features) < nnzb * bo * bi;
+  if (n >= 16 && n <= kWeightsFirstTokens && values_dominate)
     return linear_forward_weights_first(x, values_.contiguous(), row_ptr, col_idx, slot, bias,
                                         out_features, y);
-  const at::Tensor vt = permuted(values_, {0, 2, 1}, kTransposeA);  // [nnzb, Bi, Bo]: Bo is the vector axis
+  const bool per_group = n >= 16 && values_dominate;
+  const at::Tensor values = values_.contiguous();
+  // [nnzb, Bi, Bo]: Bo is the vector axis
+  const at::Tensor vt = per_group ? values : permuted(values, {0, 2, 1}, kTransposeA);
   const at::Tensor bp = padded_bias(bias, R * bo, x);
   SparseGemm g{n, R, int(bo), out_features, y.data_ptr<float>(), out_features, {}, {}, bo,
                bp.defined() ? bp.data_ptr<float>() : nullptr, 1};
+  g.transposed_b = per_group;
+  g.ldb_t = bi;
   const int32_t *rp = row_ptr.data_ptr<int32_t>(), *ci = col_idx.data_ptr<int32_t>(),
                 *sl = slot.data_ptr<int32_t>();
   g.term_ptr.assign(rp, rp + R + 1);
@@ -426,34 +601,39 @@ at::Tensor linear_grad_input(const at::Tensor& dy, const at::Tensor& values, con
   return dx;
 }
 
-// Grad-values of linear and of pointwise convs from dyt = dy^T [out, N] (A rows
-// contiguous along the reduction) and x [N, in].
-at::Tensor linear_grad_values_t(const at::Tensor& dyt, const at::Tensor& x_, const at::Tensor& row_ptr,
-                                const at::Tensor& col_idx, const at::Tensor& slot,
-                                at::IntArrayRef block_size) {
+// Grad-values of linear and of pointwise convs: B is x [M, in] (row-major),
+// whose rows are the reduction, in units of up to 256 rows that never cross
+// from one of `images` to the next (A may not be contiguous across them).
+at::Tensor grad_values_pointwise(const GradRows& a, const at::Tensor& x_, int64_t images, const at::Tensor& row_ptr,
+                                 const at::Tensor& col_idx, const at::Tensor& slot, at::IntArrayRef block_size) {
   const at::Tensor x = x_.contiguous();
-  const int64_t in = x.size(1), nnzb = col_idx.numel(), bo = block_size[0], bi = block_size[1];
+  const int64_t rows = x.size(0), in = x.size(1), nnzb = col_idx.numel(), bo = block_size[0], bi = block_size[1];
   check_indices(row_ptr, col_idx, slot, cdiv(in, bi), nnzb, "BSR");
-  const int32_t *rp = row_ptr.data_ptr<int32_t>(), *ci = col_idx.data_ptr<int32_t>(),
-                *sl = slot.data_ptr<int32_t>();
-  std::vector<Entry> entries;
-  for (int64_t r = 0; r + 1 < row_ptr.numel(); ++r)
-    for (int32_t e = rp[r]; e < rp[r + 1]; ++e) entries.push_back({r, ci[e] * bi, sl[e]});
-  const int64_t n = x.size(0);
-  std::vector<Segment> segs;
-  for (int64_t k0 = 0; k0 < n; k0 += 256)
-    segs.push_back({k0, k0 * in, int32_t(std::min<int64_t>(256, n - k0))});
-  at::Tensor partial = new_grad_values(x, nnzb, bo, bi, n, entries.size());
-  grad_values_blocks(dyt, x.data_ptr<float>(), in, in, segs, entries, partial);
-  return reduce_splits(partial);
+  std::vector<TapWork> work = taps_with_entries(row_ptr, col_idx, slot, 1, cdiv(in, bi), bi);
+  TapWork& tw = work[0];
+  const int64_t per_image = rows / images;
+  tw.unit_ptr.push_back(0);
+  for (int64_t n = 0; n < images; ++n)
+    for (int64_t k0 = 0; k0 < per_image; k0 += 256) {
+      tw.segs.push_back({n * a.image_stride + k0 * a.k_stride, (n * per_image + k0) * in,
+                         int32_t(std::min<int64_t>(256, per_image - k0))});
+      tw.unit_ptr.push_back(int64_t(tw.segs.size()));
+    }
+  const int64_t units = int64_t(tw.segs.size());
+  const GradValues dv = new_grad_values(x, nnzb, bo, bi, units, rows * (in + a.rows),
+                                        a.rows % bo != 0 || in % bi != 0);
+  grad_values_blocks(a, x.data_ptr<float>(), in, in, work, units, dv);
+  return dv.result();
 }
 
-at::Tensor linear_grad_values(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& row_ptr,
+at::Tensor linear_grad_values(const at::Tensor& dy_, const at::Tensor& x, const at::Tensor& row_ptr,
                               const at::Tensor& col_idx, const at::Tensor& slot,
                               at::IntArrayRef block_size) {
-  check_float(dy, "grad_out");
+  check_float(dy_, "grad_out");
   check_float(x, "x");
-  return linear_grad_values_t(permuted(dy, {1, 0}, kTransposeA), x, row_ptr, col_idx, slot, block_size);
+  const at::Tensor dy = dy_.contiguous();
+  const GradRows a{dy.data_ptr<float>(), 1, dy.size(1), 0, dy.size(1)};
+  return grad_values_pointwise(a, x, 1, row_ptr, col_idx, slot, block_size);
 }
 
 // ------------------------------------------------------------------ conv2d
@@ -477,6 +657,37 @@ ConvGeom conv_geom(at::IntArrayRef input_size, int64_t cout, at::IntArrayRef ker
   TORCH_CHECK(g.oh > 0 && g.ow > 0, "freetickets_cpu: conv2d output would be empty");
   return g;
 }
+
+// Per-tap offsets of the input pixel a tap reads: forward reads (oh*sh + h[tap],
+// ow*sw + w[tap]); the transposed (grad-input) walk from input pixel (ih, iw)
+// reaches output pixel (ih + h[tap], iw + w[tap]) / stride.
+struct TapOffsets {
+  std::vector<int64_t> h, w;
+};
+
+TapOffsets tap_offsets(const ConvGeom& g, bool transposed) {
+  TapOffsets out;
+  for (int64_t tap = 0; tap < g.taps(); ++tap) {
+    const int64_t dh = (tap / g.kw) * g.dh - g.ph, dw = (tap % g.kw) * g.dw - g.pw;
+    out.h.push_back(transposed ? -dh : dh);
+    out.w.push_back(transposed ? -dw : dw);
+  }
+  return out;
+}
+
+// (image, row, column) of consecutive pixels m0, m0 + 1, ... without a division per pixel.
+struct PixelWalk {
+  int64_t n, y, x, height, width;
+  PixelWalk(int64_t m0, int64_t height_, int64_t width_)
+      : n(m0 / (height_ * width_)), y(m0 / width_ % height_), x(m0 % width_), height(height_), width(width_) {}
+  void next() {
+    if (++x < width) return;
+    x = 0;
+    if (++y < height) return;
+    y = 0;
+    ++n;
+  }
+};
 
 at::Tensor conv2d_forward(const at::Tensor& x_, const at::Tensor& values_, const at::Tensor& row_ptr,
                           const at::Tensor& col_idx, const at::Tensor& slot,
@@ -513,15 +724,15 @@ at::Tensor conv2d_forward(const at::Tensor& x_, const at::Tensor& values_, const
   }
   const at::Tensor zeros = at::zeros({g.cin}, x_.options());
   const float *xp = xn.data_ptr<float>(), *zero = zeros.data_ptr<float>();
+  const TapOffsets taps_at = tap_offsets(g, /*transposed=*/false);
   run(gemm, [&](int64_t m0, int tn, const int32_t* taps, int64_t ntaps, const float** a_rows) {
-    for (int t = 0; t < kMaxTileRows; ++t) {
-      const int64_t m = m0 + t;
-      const int64_t n = m / (g.oh * g.ow), oh = (m / g.ow) % g.oh, ow = m % g.ow;
+    PixelWalk px(m0, g.oh, g.ow);
+    for (int t = 0; t < kMaxTileRows; ++t, px.next()) {
+      const float* image = xp + px.n * g.h * g.w * g.cin;
       for (int64_t u = 0; u < ntaps; ++u) {
-        const int64_t ih = oh * g.sh - g.ph + (taps[u] / g.kw) * g.dh;
-        const int64_t iw = ow * g.sw - g.pw + (taps[u] % g.kw) * g.dw;
+        const int64_t ih = px.y * g.sh + taps_at.h[taps[u]], iw = px.x * g.sw + taps_at.w[taps[u]];
         const bool inside = t < tn && ih >= 0 && ih < g.h && iw >= 0 && iw < g.w;
-        a_rows[taps[u] * kMaxTileRows + t] = inside ? xp + ((n * g.h + ih) * g.w + iw) * g.cin : zero;
+        a_rows[taps[u] * kMaxTileRows + t] = inside ? image + (ih * g.w + iw) * g.cin : zero;
       }
     }
   });
@@ -567,17 +778,17 @@ at::Tensor conv2d_grad_input(const at::Tensor& dy_, const at::Tensor& values_, c
   }
   const at::Tensor zeros = at::zeros({g.cout}, dy_.options());
   const float *dp = dyn.data_ptr<float>(), *zero = zeros.data_ptr<float>();
+  const TapOffsets taps_at = tap_offsets(g, /*transposed=*/true);
   run(gemm, [&](int64_t m0, int tn, const int32_t* taps, int64_t ntaps, const float** a_rows) {
-    for (int t = 0; t < kMaxTileRows; ++t) {
-      const int64_t m = m0 + t;
-      const int64_t n = m / (g.h * g.w), ih = (m / g.w) % g.h, iw = m % g.w;
+    PixelWalk px(m0, g.h, g.w);
+    for (int t = 0; t < kMaxTileRows; ++t, px.next()) {
+      const float* image = dp + px.n * g.oh * g.ow * g.cout;
       for (int64_t u = 0; u < ntaps; ++u) {
-        const int64_t ohs = ih + g.ph - (taps[u] / g.kw) * g.dh;  // oh * stride when this tap reaches ih
-        const int64_t ows = iw + g.pw - (taps[u] % g.kw) * g.dw;
-        const bool ok = t < tn && ohs >= 0 && ohs % g.sh == 0 && ohs / g.sh < g.oh && ows >= 0 &&
-                        ows % g.sw == 0 && ows / g.sw < g.ow;
-        a_rows[taps[u] * kMaxTileRows + t] =
-            ok ? dp + ((n * g.oh + ohs / g.sh) * g.ow + ows / g.sw) * g.cout : zero;
+        // oh * sh and ow * sw of the output pixel this tap carries to (ih, iw), if any
+        const int64_t ohs = px.y + taps_at.h[taps[u]], ows = px.x + taps_at.w[taps[u]];
+        const bool ok = t < tn && ohs >= 0 && ohs < g.oh * g.sh && ows >= 0 && ows < g.ow * g.sw &&
+                        ohs % g.sh == 0 && ows % g.sw == 0;
+        a_rows[taps[u] * kMaxTileRows + t] = ok ? image + (ohs / g.sh * g.ow + ows / g.sw) * g.cout : zero;
       }
     }
   });
@@ -593,42 +804,37 @@ at::Tensor conv2d_grad_values(const at::Tensor& dy, const at::Tensor& x, const a
   const ConvGeom g = conv_geom(x.sizes(), dy.size(1), kernel, stride, padding, dilation);
   const int64_t nnzb = col_idx.numel(), bo = block_size[0], bi = block_size[1];
   const int64_t cbpt = cdiv(g.cin, bi), M = g.n * g.oh * g.ow;
-  // [Cout, M] with M ordered (n, oh, ow): A rows contiguous along the reduction.
-  const at::Tensor dyt = permuted(dy, {1, 0, 2, 3}, kTransposeA).view({g.cout, M});
+  // either memory format flattens (oh, ow) to one pixel stride (a size-1
+  // dimension's stride is arbitrary: with one column, rows step the pixels)
+  const at::Tensor dyc = dy.is_contiguous() || dy.is_contiguous(at::MemoryFormat::ChannelsLast) ? dy : dy.contiguous();
+  const GradRows a{dyc.data_ptr<float>(), dyc.stride(1), g.ow > 1 ? dyc.stride(3) : dyc.stride(2), dyc.stride(0),
+                   g.cout};
   const at::Tensor xn = permuted(x, {0, 2, 3, 1}, kNhwcIn);  // NHWC: B rows are pixels
   if (g.pointwise())
-    return linear_grad_values_t(dyt, xn.view({M, g.cin}), row_ptr, col_idx, slot, block_size);
+    return grad_values_pointwise(a, xn.view({M, g.cin}), g.n, row_ptr, col_idx, slot, block_size);
   check_indices(row_ptr, col_idx, slot, g.taps() * cbpt, nnzb, "BSR");
-  const int32_t *rp = row_ptr.data_ptr<int32_t>(), *ci = col_idx.data_ptr<int32_t>(),
-                *sl = slot.data_ptr<int32_t>();
-  std::vector<std::vector<Entry>> by_tap(g.taps());
-  for (int64_t r = 0; r + 1 < row_ptr.numel(); ++r)
-    for (int32_t e = rp[r]; e < rp[r + 1]; ++e)
-      by_tap[ci[e] / cbpt].push_back({r, (ci[e] % cbpt) * bi, sl[e]});
-  size_t most = 0;
-  for (const auto& v : by_tap) most = std::max(most, v.size());
-  at::Tensor partial = new_grad_values(x, nnzb, bo, bi, M, most);
-  std::vector<Segment> segs;
+  std::vector<TapWork> work = taps_with_entries(row_ptr, col_idx, slot, g.taps(), cbpt, bi);
+  // units are output rows (n, oh); each tap reads one segment of a row: the
+  // output columns whose input column iw = ow*sw - pw + j*dw lies inside the image
   for (int64_t tap = 0; tap < g.taps(); ++tap) {
-    if (by_tap[tap].empty()) continue;
+    TapWork& tw = work[tap];
     const int64_t i = tap / g.kw, j = tap % g.kw;
-    // output columns whose input column iw = ow*sw - pw + j*dw lies inside the image
     const int64_t ow_lo = std::max<int64_t>(0, cdiv(g.pw - j * g.dw, g.sw));
     const int64_t ow_hi = std::min<int64_t>(g.ow, cdiv(g.w + g.pw - j * g.dw, g.sw));
-    segs.clear();
-    if (ow_hi > ow_lo) {
-      for (int64_t n = 0; n < g.n; ++n)
-        for (int64_t oh = 0; oh < g.oh; ++oh) {
-          const int64_t ih = oh * g.sh - g.ph + i * g.dh;
-          if (ih < 0 || ih >= g.h) continue;
-          const int64_t iw = ow_lo * g.sw - g.pw + j * g.dw;
-          segs.push_back({(n * g.oh + oh) * g.ow + ow_lo, ((n * g.h + ih) * g.w + iw) * g.cin,
-                          int32_t(ow_hi - ow_lo)});
-        }
-    }
-    grad_values_blocks(dyt, xn.data_ptr<float>(), g.sw * g.cin, g.cin, segs, by_tap[tap], partial);
+    tw.unit_ptr.push_back(0);
+    for (int64_t n = 0; n < g.n; ++n)
+      for (int64_t oh = 0; oh < g.oh; ++oh) {
+        const int64_t ih = oh * g.sh - g.ph + i * g.dh, iw = ow_lo * g.sw - g.pw + j * g.dw;
+        if (!tw.entries.empty() && ow_hi > ow_lo && ih >= 0 && ih < g.h)
+          tw.segs.push_back({n * a.image_stride + (oh * g.ow + ow_lo) * a.k_stride,
+                             ((n * g.h + ih) * g.w + iw) * g.cin, int32_t(ow_hi - ow_lo)});
+        tw.unit_ptr.push_back(int64_t(tw.segs.size()));
+      }
   }
-  return reduce_splits(partial);
+  const GradValues dv = new_grad_values(x, nnzb, bo, bi, g.n * g.oh, M * (g.cout + g.taps() * g.cin),
+                                        g.cout % bo != 0 || g.cin % bi != 0);
+  grad_values_blocks(a, xn.data_ptr<float>(), g.sw * g.cin, g.cin, work, g.n * g.oh, dv);
+  return dv.result();
 }
 
 std::string build_info() {

@@ -3,8 +3,9 @@
 // A tile computes `tn` rows of an output block of width `width`:
 //   C[t, 0:w_valid] = init + sum over terms i of  A_t,i[0:k_i] . B_i[0:k_i, 0:width]
 // where A_t,i = a_rows[seg_i][t] + a_off_i (a row pointer per tile row, so conv
-// taps and zero padding need no im2col) and B_i is row-major with leading
-// dimension ldb.  Accumulators stay in registers across all terms.
+// taps and zero padding need no im2col), read with element stride a_stride,
+// and B_i is row-major with leading dimension ldb.  Accumulators stay in
+// registers across all terms.
 #pragma once
 #include <cstdint>
 
@@ -28,6 +29,7 @@ struct TileArgs {
   const float* const* a_rows;  // [nseg][kMaxTileRows]
   const Term* terms;
   int64_t nterms;
+  int64_t a_stride = 1;        // elements between A_t,i[k] and A_t,i[k + 1]
   int64_t ldb;
   int64_t b_off;               // column offset added to every term's B
   const float* bias;           // `width` floats added at init, or nullptr
