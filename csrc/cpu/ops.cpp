@@ -460,9 +460,10 @@ void grad_values_blocks(const GradRows& a, const float* b, int64_t ldb, int64_t 
         written |= column(w, columns[c].first, columns[c].second, u0, std::min(n_units, u0 + units_per_chunk), 0,
                           written);
       if (!written) {  // no reduction step reaches these blocks: their gradient is zero
-        const TapWork& tw = taps[columns[c].first];
-        for (size_t e = columns[c].second; e < tw.entries.size() && tw.entries[e].col0 == tw.entries[columns[c].second].col0; ++e)
-          std::fill_n(dv.block(0, tw.entries[e].slot), bo * bi, 0.f);
+        const std::vector<Entry>& es = taps[columns[c].first].entries;
+        const int64_t col0 = es[columns[c].second].col0;
+        for (size_t e = columns[c].second; e < es.size() && es[e].col0 == col0; ++e)
+          std::fill_n(dv.block(0, es[e].slot), bo * bi, 0.f);
       }
     }
   });
