@@ -659,23 +659,6 @@ ConvGeom conv_geom(at::IntArrayRef input_size, int64_t cout, at::IntArrayRef ker
   return g;
 }
 
-// Per-tap offsets of the input pixel a tap reads: forward reads (oh*sh + h[tap],
-// ow*sw + w[tap]); the transposed (grad-input) walk from input pixel (ih, iw)
-// reaches output pixel (ih + h[tap], iw + w[tap]) / stride.
-struct TapOffsets {
-  std::vector<int64_t> h, w;
-};
-
-TapOffsets tap_offsets(const ConvGeom& g, bool transposed) {
-  TapOffsets out;
-  for (int64_t tap = 0; tap < g.taps(); ++tap) {
-    const int64_t dh = (tap / g.kw) * g.dh - g.ph, dw = (tap % g.kw) * g.dw - g.pw;
-    out.h.push_back(transposed ? -dh : dh);
-    out.w.push_back(transposed ? -dw : dw);
-  }
-  return out;
-}
-
 // (image, row, column) of consecutive pixels m0, m0 + 1, ... without a division per pixel.
 struct PixelWalk {
   int64_t n, y, x, height, width;
@@ -687,6 +670,57 @@ struct PixelWalk {
     if (++y < height) return;
     y = 0;
     ++n;
+  }
+};
+
+// The A row pointers of a conv's implicit GEMM: GEMM row m is pixel (y, x) of
+// image n in the walked grid (forward: the output; grad-input: the input), and
+// tap `tap` reads pixel ((y * mul_h + h[tap]) / div_h, (x * mul_w + w[tap]) / div_w)
+// of `src` (NHWC, channels contiguous) when that divides exactly and lies
+// inside it, else zeros.  Forward: mul = stride, div = 1.  Grad-input walks
+// the transposed conv: mul = 1, div = stride, offsets negated.
+struct TapRows {
+  const float* src;
+  const float* zero;
+  int64_t src_h, src_w, channels, walk_h, walk_w, mul_h, mul_w, div_h, div_w;
+  std::vector<int64_t> h, w;
+
+  TapRows(const ConvGeom& g, bool transposed, const float* src_, const float* zero_)
+      : src(src_), zero(zero_) {
+    src_h = transposed ? g.oh : g.h;
+    src_w = transposed ? g.ow : g.w;
+    channels = transposed ? g.cout : g.cin;
+    walk_h = transposed ? g.h : g.oh;
+    walk_w = transposed ? g.w : g.ow;
+    mul_h = transposed ? 1 : g.sh;
+    mul_w = transposed ? 1 : g.sw;
+    div_h = transposed ? g.sh : 1;
+    div_w = transposed ? g.sw : 1;
+    for (int64_t tap = 0; tap < g.taps(); ++tap) {
+      const int64_t dh = (tap / g.kw) * g.dh - g.ph, dw = (tap % g.kw) * g.dw - g.pw;
+      h.push_back(transposed ? -dh : dh);
+      w.push_back(transposed ? -dw : dw);
+    }
+  }
+
+  // Source coordinate times div, and whether it is a whole pixel inside [0, size).
+  static bool inside(int64_t scaled, int64_t div, int64_t size) {
+    return scaled >= 0 && scaled < size * div && (div == 1 || scaled % div == 0);
+  }
+
+  void fill(int64_t m0, int tn, const int32_t* taps, int64_t ntaps, const float** a_rows) const {
+    // locals: the pointer stores below would otherwise reload every member
+    const int64_t *hs = h.data(), *ws = w.data(), sh = src_h, sw = src_w, c = channels;
+    const int64_t mh = mul_h, mw = mul_w, dh = div_h, dw = div_w;
+    PixelWalk px(m0, walk_h, walk_w);
+    for (int t = 0; t < kMaxTileRows; ++t, px.next()) {
+      const float* image = src + px.n * sh * sw * c;
+      for (int64_t u = 0; u < ntaps; ++u) {
+        const int64_t sy = px.y * mh + hs[taps[u]], sx = px.x * mw + ws[taps[u]];
+        const bool ok = t < tn && inside(sy, dh, sh) && inside(sx, dw, sw);
+        a_rows[taps[u] * kMaxTileRows + t] = ok ? image + (sy / dh * sw + sx / dw) * c : zero;
+      }
+    }
   }
 };
 
@@ -724,18 +758,9 @@ at::Tensor conv2d_forward(const at::Tensor& x_, const at::Tensor& values_, const
                           vt.data_ptr<float>() + sl[e] * bi * bo});
   }
   const at::Tensor zeros = at::zeros({g.cin}, x_.options());
-  const float *xp = xn.data_ptr<float>(), *zero = zeros.data_ptr<float>();
-  const TapOffsets taps_at = tap_offsets(g, /*transposed=*/false);
+  const TapRows rows(g, /*transposed=*/false, xn.data_ptr<float>(), zeros.data_ptr<float>());
   run(gemm, [&](int64_t m0, int tn, const int32_t* taps, int64_t ntaps, const float** a_rows) {
-    PixelWalk px(m0, g.oh, g.ow);
-    for (int t = 0; t < kMaxTileRows; ++t, px.next()) {
-      const float* image = xp + px.n * g.h * g.w * g.cin;
-      for (int64_t u = 0; u < ntaps; ++u) {
-        const int64_t ih = px.y * g.sh + taps_at.h[taps[u]], iw = px.x * g.sw + taps_at.w[taps[u]];
-        const bool inside = t < tn && ih >= 0 && ih < g.h && iw >= 0 && iw < g.w;
-        a_rows[taps[u] * kMaxTileRows + t] = inside ? image + (ih * g.w + iw) * g.cin : zero;
-      }
-    }
+    rows.fill(m0, tn, taps, ntaps, a_rows);
   });
   return to_conv_output(yn, x_);
 }
@@ -778,20 +803,9 @@ at::Tensor conv2d_grad_input(const at::Tensor& dy_, const at::Tensor& values_, c
     gemm.term_ptr.push_back(int64_t(gemm.terms.size()));
   }
   const at::Tensor zeros = at::zeros({g.cout}, dy_.options());
-  const float *dp = dyn.data_ptr<float>(), *zero = zeros.data_ptr<float>();
-  const TapOffsets taps_at = tap_offsets(g, /*transposed=*/true);
+  const TapRows rows(g, /*transposed=*/true, dyn.data_ptr<float>(), zeros.data_ptr<float>());
   run(gemm, [&](int64_t m0, int tn, const int32_t* taps, int64_t ntaps, const float** a_rows) {
-    PixelWalk px(m0, g.h, g.w);
-    for (int t = 0; t < kMaxTileRows; ++t, px.next()) {
-      const float* image = dp + px.n * g.oh * g.ow * g.cout;
-      for (int64_t u = 0; u < ntaps; ++u) {
-        // oh * sh and ow * sw of the output pixel this tap carries to (ih, iw), if any
-        const int64_t ohs = px.y + taps_at.h[taps[u]], ows = px.x + taps_at.w[taps[u]];
-        const bool ok = t < tn && ohs >= 0 && ohs < g.oh * g.sh && ows >= 0 && ows < g.ow * g.sw &&
-                        ohs % g.sh == 0 && ows % g.sw == 0;
-        a_rows[taps[u] * kMaxTileRows + t] = ok ? image + (ohs / g.sh * g.ow + ows / g.sw) * g.cout : zero;
-      }
-    }
+    rows.fill(m0, tn, taps, ntaps, a_rows);
   });
   return to_conv_output(dxn, dy_);
 }
