@@ -72,13 +72,71 @@ def test_linear_vector_widths_and_long_reduction(block):
     _compare(lambda x, v: ftk.block_sparse_linear(x, v, layout), [x, values])
 
 
-def test_conv2d_channels_last_and_noncontiguous_input():
-    layout = random_layout((32, 24, 3, 3), (16, 8), 0.5)
+def _in_format(t, fmt):
+    """``t`` in memory format ``fmt``; "strided": every other channel of a wider
+    tensor, one column in: no memory format at all, read through its strides."""
+    if fmt == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last)
+    if fmt == "strided":
+        wide = torch.zeros(t.shape[0], 2 * t.shape[1], t.shape[2], t.shape[3] + 1)
+        wide[:, ::2, :, 1:] = t
+        return wide[:, ::2, :, 1:]
+    return t.contiguous()
+
+
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("kernel,stride,padding,hw", [
+    (3, 1, 1, (9, 9)),
+    (3, 2, 1, (9, 8)),   # grad-input walks the transposed conv: some input pixels get no tap
+    (1, 1, 0, (16, 20)),  # pointwise: one tap, reductions longer than 256 pixels
+    (1, 1, 0, (4, 5)),
+])
+def test_conv2d_reads_and_writes_in_any_memory_format(fmt, kernel, stride, padding, hw):
+    # Inputs are read in place through their strides (no NHWC copy) and results
+    # written in place: NCHW with strided columns, channels_last with contiguous ones.
+    from freetickets_kernels.backends import cpu, reference
+
+    layout = random_layout((40, 24, kernel, kernel), (16, 8), 0.6, seed=15)
     values = random_values(layout, dtype=torch.float32)
-    x = torch.randn(2, 24, 9, 9).to(memory_format=torch.channels_last)
-    _compare(lambda x, v: ftk.block_sparse_conv2d(x, v, layout, None, 1, 1), [x, values])
-    xt = torch.randn(2, 9, 24, 9).transpose(1, 2)
-    _compare(lambda x, v: ftk.block_sparse_conv2d(x, v, layout, None, 1, 1), [xt, values])
+    idx = layout.indices
+    geo = ([kernel] * 2, [stride] * 2, [padding] * 2, [1, 1])
+    x = _in_format(torch.randn(2, 24, *hw), fmt)
+    bias = torch.randn(40)
+    y = cpu.conv2d_forward(x, values, idx.row_ptr, idx.col_idx, idx.slot, bias, 40, *geo)
+    want = reference.conv2d_forward(x.double(), values.double(), idx.row_ptr, idx.col_idx, idx.slot,
+                                    bias.double(), 40, *geo)
+    torch.testing.assert_close(y, want.float(), **FP32)
+    channels_last = fmt == "channels_last"
+    assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+    dy = _in_format(torch.randn(y.shape), fmt)
+    dx = cpu.conv2d_grad_input(dy, values, idx.col_ptr, idx.row_idx, idx.tslot, list(x.shape), *geo)
+    want = reference.conv2d_grad_input(dy.double(), values.double(), idx.col_ptr, idx.row_idx, idx.tslot,
+                                       list(x.shape), *geo)
+    torch.testing.assert_close(dx, want.float(), **FP32)
+    assert dx.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+    dv = cpu.conv2d_grad_values(dy, x, idx.row_ptr, idx.col_idx, idx.slot, list(layout.block_size), *geo)
+    want = reference.conv2d_grad_values(dy.double(), x.double(), idx.row_ptr, idx.col_idx, idx.slot,
+                                        list(layout.block_size), *geo)
+    torch.testing.assert_close(dv, want.float(), **FP32)
+
+
+@pytest.mark.parametrize("isa", _isas())
+def test_conv2d_large_nchw_output_is_streamed_correctly(isa):
+    # 6 MB of NCHW output outgrows 2 threads' L2 here, so it is written with
+    # non-temporal stores (where aligned: 64x64 planes are)
+    from freetickets_kernels.backends import cpu
+
+    cpu.set_isa(isa)
+    layout = random_layout((48, 16, 3, 3), (16, 16), 0.5, seed=4)
+    values = random_values(layout, dtype=torch.float32)
+    x = torch.randn(8, 16, 64, 64)
+    fn = lambda x, v: ftk.block_sparse_conv2d(x, v, layout, None, 1, 1)  # noqa: E731
+    ref = run_op("reference", fn, [x.double(), values.double()])
+    got = run_op("cpu", fn, [x, values])
+    for g, r in zip(got, ref):  # grad-values sums 32768 products: scale atol by magnitude
+        assert_close_scaled(g, r, **FP32)
 
 
 @pytest.mark.parametrize("grad_format", ["contiguous", "channels_last", "strided"])
@@ -174,18 +232,6 @@ def test_linear_weights_first_path_for_few_tokens(tokens, with_bias):
     assert tokens * (200 + 300) < layout.nnzb * 16 * 16
     bias = torch.randn(200) if with_bias else None
     _compare(lambda x, v, b: ftk.block_sparse_linear(x, v, layout, b), [torch.randn(tokens, 300), values, bias])
-
-
-@pytest.mark.parametrize("hw", [(4, 5), (16, 20)])
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_pointwise_conv_runs_as_linear(hw, channels_last):
-    # 1x1/stride 1/no padding goes through the linear kernels (few pixels: weights-first)
-    layout = random_layout((96, 80, 1, 1), (16, 16), 0.9, seed=15)
-    values = random_values(layout, dtype=torch.float32)
-    x = torch.randn(1, 80, *hw)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    _compare(lambda x, v, b: ftk.block_sparse_conv2d(x, v, layout, b), [x, values, torch.randn(96)])
 
 
 def test_scratch_first_allocated_under_inference_mode_is_reusable_outside():

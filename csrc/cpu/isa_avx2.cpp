@@ -4,6 +4,8 @@
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 #define FTK_VEC_BYTES 32
+#include <immintrin.h>
+#define FTK_STREAM(p, v) _mm256_stream_ps(p, (__m256)(v))
 #define FTK_REGS 16
 #define FTK_ISA_NAME "avx2"
 #define FTK_ISA_FN isa_avx2_impl

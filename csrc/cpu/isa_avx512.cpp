@@ -4,6 +4,8 @@
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512vl,avx2,fma")
 #define FTK_VEC_BYTES 64
+#include <immintrin.h>
+#define FTK_STREAM(p, v) _mm512_stream_ps(p, (__m512)(v))
 #define FTK_REGS 32
 #define FTK_ISA_NAME "avx512"
 #define FTK_ISA_FN isa_avx512_impl

@@ -10,6 +10,8 @@
 #include <c10/core/InferenceMode.h>
 #include <torch/library.h>
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
@@ -92,12 +94,11 @@ void check_indices(const at::Tensor& ptr, const at::Tensor& idx, const at::Tenso
 
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Temporaries that never leave an op call (NHWC copies, transposes, partial
-// sums) live in per-thread buffers that only grow: a fresh multi-megabyte
-// allocation page-faults on every call, which cost up to 3x the kernel time
-// here.  Each role has its own slot, so a conv op may hand its NHWC views to a
-// linear op; results returned to torch never live in scratch.
-enum Scratch { kNhwcIn, kNhwcOut, kTransposeA, kTransposeB, kPartial, kNumScratch };
+// Temporaries that never leave an op call (transposes, partial sums) live in
+// per-thread buffers that only grow: a fresh multi-megabyte allocation
+// page-faults on every call, which cost up to 3x the kernel time here.  Each
+// role has its own slot; results returned to torch never live in scratch.
+enum Scratch { kTransposeA, kTransposeB, kPartial, kNumScratch };
 
 at::Tensor scratch(Scratch which, at::IntArrayRef sizes, const at::TensorOptions& options) {
   thread_local at::Tensor buffers[kNumScratch];
@@ -121,31 +122,67 @@ at::Tensor permuted(const at::Tensor& t, at::IntArrayRef dims, Scratch which) {
   return scratch(which, view.sizes(), t.options()).copy_(view);
 }
 
-bool strictly_channels_last(const at::Tensor& t) {
-  return t.is_contiguous(at::MemoryFormat::ChannelsLast) && !t.is_contiguous();
-}
-
-// Where a conv op writes its NHWC result: straight into the returned tensor
-// when that is channels_last, else into scratch (then copied out NCHW).
-at::Tensor conv_result_buffer(at::IntArrayRef nhwc_sizes, const at::Tensor& like) {
-  if (strictly_channels_last(like)) return at::empty(nhwc_sizes, like.options());
-  return scratch(kNhwcOut, nhwc_sizes, like.options());
-}
-
-// NHWC result -> NCHW-shaped tensor: channels_last (a free view) when the
-// op's main input is strictly channels_last, as torch's conv does; else a
-// contiguous copy.  Mirrors validation.conv_memory_format().
-at::Tensor to_conv_output(const at::Tensor& nhwc, const at::Tensor& like) {
-  const at::Tensor nchw = nhwc.permute({0, 3, 1, 2});
-  if (strictly_channels_last(like)) return nchw;  // nhwc is the returned tensor itself
-  // nhwc lives in scratch: always copy out, even where the permuted view is
-  // already contiguous (C == 1 or H*W == 1), or the next op would overwrite it
-  return nchw.clone(at::MemoryFormat::Contiguous);
+// A conv op's [N, C, H, W] result: channels_last when the op's main input is
+// strictly channels_last, as torch's conv does; else contiguous.  Mirrors
+// validation.conv_memory_format().  Either way the kernel writes it in place.
+at::Tensor conv_output(at::IntArrayRef sizes, const at::Tensor& like) {
+  const bool channels_last = like.is_contiguous(at::MemoryFormat::ChannelsLast) && !like.is_contiguous();
+  return at::empty(sizes, like.options().memory_format(channels_last ? at::MemoryFormat::ChannelsLast
+                                                                     : at::MemoryFormat::Contiguous));
 }
 
 // ------------------------------------------------------------------ drivers
 
-// C[M, ldc] gets n_blocks column blocks of `width`; block j sums terms
+// (image, row, column) of consecutive pixels m0, m0 + 1, ... without a division per pixel.
+struct PixelWalk {
+  int64_t n, y, x, height, width;
+  PixelWalk(int64_t m0, int64_t height_, int64_t width_)
+      : n(m0 / (height_ * width_)), y(m0 / width_ % height_), x(m0 % width_), height(height_), width(width_) {}
+  void next() {
+    if (++x < width) return;
+    x = 0;
+    if (++y < height) return;
+    y = 0;
+    ++n;
+  }
+};
+
+// Where C lives: GEMM row m is pixel (y, x) of image n of a height x width
+// grid, at base + n * image_stride + y * y_stride + x * x_stride, and its
+// columns are col_stride apart.  A conv writes its output tensor in place
+// whatever its memory format (NCHW: columns H * W apart); a matrix is one
+// image of one grid row.
+struct OutRows {
+  float* base;
+  int64_t height, width, image_stride, y_stride, x_stride, col_stride;
+  float* row(const PixelWalk& p) const { return base + p.n * image_stride + p.y * y_stride + p.x * x_stride; }
+
+  // Rows [m0, m1) x columns [c0, c1) of `stage` (row-major, leading dimension
+  // ld, column c0 first) into C: with strided columns (NCHW) each run of
+  // consecutive pixels is a transpose into the channels' planes.
+  void scatter(const IsaKernel& k, const float* stage, int64_t ld, int64_t m0, int64_t m1, int64_t c0,
+               int64_t c1, bool streaming) const {
+    PixelWalk px(m0, height, width);
+    for (int64_t t0 = m0; t0 < m1;) {
+      float* first = row(px);
+      int64_t t1 = t0 + 1;
+      for (px.next(); t1 < m1 && row(px) == first + (t1 - t0) * x_stride && x_stride == 1; px.next()) ++t1;
+      k.transpose(stage + (t0 - m0) * ld, ld, int(t1 - t0), int(c1 - c0), first + c0 * col_stride, col_stride,
+                  streaming);
+      t0 = t1;
+    }
+  }
+};
+
+OutRows matrix_rows(float* c, int64_t rows, int64_t ldc) {
+  return {c, 1, std::max<int64_t>(rows, 1), 0, 0, ldc, 1};
+}
+
+OutRows pixel_rows(const at::Tensor& t) {  // t: [N, C, H, W], any strides
+  return {t.data_ptr<float>(), t.size(2), t.size(3), t.stride(0), t.stride(2), t.stride(3), t.stride(1)};
+}
+
+// C (M rows, `out`) gets n_blocks column blocks of `width`; block j sums terms
 // [term_ptr[j], term_ptr[j+1]).  fill_rows(m0, tn, segs, nsegs, a_rows) sets
 // the A row pointers ([nseg][kMaxTileRows]) of tile rows m0..m0+tn (unused rows
 // -> zeros) for the listed segments only: those some block of the group reads.
@@ -157,8 +194,7 @@ struct SparseGemm {
   int64_t n_blocks;
   int width;
   int64_t out_cols;  // valid columns of C
-  float* c;
-  int64_t ldc;
+  OutRows out;
   std::vector<int64_t> term_ptr;
   std::vector<Term> terms;
   int64_t ldb;
@@ -170,6 +206,7 @@ struct SparseGemm {
   // thread-local panel once, then runs every row through them.
   bool transposed_b = false;
   int64_t ldb_t = 0;
+  int64_t a_stride = 1;  // elements between A_t[k] and A_t[k + 1] (NCHW conv input: H * W)
 };
 
 // Consecutive column blocks that a tile computes one after the other with the
@@ -213,6 +250,20 @@ BlockGroups group_blocks(const SparseGemm& g, int64_t n_chunks) {
   return out;
 }
 
+// Whether `floats` of results outgrow the L2 caches of the threads in use:
+// the next op would read them from further out anyway, so they are written
+// with non-temporal stores, saving the read of every line before its write.
+bool too_big_for_cache(int64_t floats) {
+  static const int64_t l2 = [] {
+#ifdef _SC_LEVEL2_CACHE_SIZE  // glibc
+    const long bytes = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    if (bytes > 0) return int64_t(bytes);
+#endif
+    return int64_t(1) << 20;
+  }();
+  return floats * int64_t(sizeof(float)) > l2 * at::get_num_threads();
+}
+
 template <class FillRows>
 void run(const SparseGemm& g, FillRows fill_rows) {
   const IsaKernel& k = isa();
@@ -226,15 +277,23 @@ void run(const SparseGemm& g, FillRows fill_rows) {
     groups = group_blocks(g, n_chunks);
   }
   const int32_t only_segment = 0;
+  const bool staged = g.out.col_stride != 1;
+  const bool streaming = staged && too_big_for_cache(g.rows * g.out_cols);
   const int64_t n_groups = int64_t(groups.begin.size()) - 1;
   at::parallel_for(0, n_chunks * n_groups, 1, [&](int64_t begin, int64_t end) {
     std::vector<const float*> a_rows(size_t(g.nseg) * kMaxTileRows);
-    float* c_rows[kMaxTileRows];
+    float *c_base[kMaxTileRows], *c_rows[kMaxTileRows];
     std::vector<Term> packed_terms;
-    std::vector<float> panel;
+    std::vector<float> panel, stage;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t grp = item % n_groups, chunk_i = item / n_groups;
-      const int64_t m_end = std::min(g.rows, (chunk_i + 1) * chunk);
+      const int64_t m_begin = chunk_i * chunk, m_end = std::min(g.rows, (chunk_i + 1) * chunk);
+      const int64_t blk0 = groups.begin[grp], blk1 = groups.begin[grp + 1];
+      // With strided output columns (NCHW) the item computes into a row-major
+      // stage, then writes it out along the pixels: whole cache lines instead
+      // of a scattered store per tile row and column.
+      const int64_t stage_ld = (blk1 - blk0) * g.width;
+      if (staged) stage.resize(size_t((m_end - m_begin) * stage_ld));
       const Term* terms = g.terms.data();
       if (g.transposed_b) {  // B block [width][ldb_t] -> panel [k][width]
         const int64_t t0 = g.term_ptr[groups.begin[grp]], t1 = g.term_ptr[groups.begin[grp + 1]];
@@ -251,12 +310,15 @@ void run(const SparseGemm& g, FillRows fill_rows) {
       }
       const int32_t* segs = g.row_group ? &only_segment : groups.segs.data() + groups.seg_ptr[grp];
       const int64_t nsegs = g.row_group ? 1 : groups.seg_ptr[grp + 1] - groups.seg_ptr[grp];
-      for (int64_t m0 = chunk_i * chunk; m0 < m_end; m0 += tr) {
+      for (int64_t m0 = m_begin; m0 < m_end; m0 += tr) {
         const int tn = int(std::min<int64_t>(tr, m_end - m0));
         fill_rows(m0, tn, segs, nsegs, a_rows.data());
-        for (int64_t blk = groups.begin[grp]; blk < groups.begin[grp + 1]; ++blk) {
+        PixelWalk px(m0, g.out.height, g.out.width);
+        for (int t = 0; t < tn; ++t, px.next())  // column blk0 * width (staged) or 0
+          c_base[t] = staged ? stage.data() + (m0 - m_begin + t) * stage_ld : g.out.row(px);
+        for (int64_t blk = blk0; blk < blk1; ++blk) {
           const int64_t term_group = g.row_group ? chunk_i : blk;
-          for (int t = 0; t < tn; ++t) c_rows[t] = g.c + (m0 + t) * g.ldc + blk * g.width;
+          for (int t = 0; t < tn; ++t) c_rows[t] = c_base[t] + (blk - (staged ? blk0 : 0)) * g.width;
           TileArgs args;
           args.tn = tn;
           args.width = g.width;
@@ -265,6 +327,7 @@ void run(const SparseGemm& g, FillRows fill_rows) {
           args.b_full_width = !g.row_group || (blk + 1) * g.width <= g.ldb;
           args.accumulate = false;
           args.a_rows = a_rows.data();
+          args.a_stride = g.a_stride;
           args.terms = terms + g.term_ptr[term_group];
           args.nterms = g.term_ptr[term_group + 1] - g.term_ptr[term_group];
           args.ldb = g.ldb;
@@ -274,6 +337,9 @@ void run(const SparseGemm& g, FillRows fill_rows) {
           k.tile(args);
         }
       }
+      if (staged)
+        g.out.scatter(k, stage.data(), stage_ld, m_begin, m_end, blk0 * g.width, std::min(g.out_cols, blk1 * g.width),
+                      streaming);
     }
   });
 }
@@ -312,6 +378,30 @@ struct GradRows {
   const float* base;
   int64_t row_stride, k_stride, image_stride, rows;
 };
+
+// The B operand of grad-values, x, read in place: a segment's reduction
+// index kk starts at base + b_off + kk * ldb (conv: its input pixel; ldb is
+// grad_values_blocks' argument), and input feature/channel c lies c *
+// col_stride further on.  Pointwise reductions run over the pixels of an
+// image: pixel p of image n starts at n * image_stride + p * k_stride.
+struct GradCols {
+  const float* base;
+  int64_t col_stride, k_stride, image_stride, cols;
+};
+
+// grad_out or x of a conv as [N, C, pixels], read in place: either memory
+// format flattens (H, W) to one pixel stride (a size-1 dimension's stride is
+// arbitrary: with one column, rows step the pixels); other layouts are copied.
+struct FlatPixels {
+  at::Tensor t;
+  int64_t image, channel, pixel;
+};
+
+FlatPixels flat_pixels(const at::Tensor& t_) {
+  const bool flat = t_.is_contiguous() || t_.is_contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor t = flat ? t_ : t_.contiguous();
+  return {t, t.stride(0), t.stride(1), t.size(3) > 1 ? t.stride(3) : t.stride(2)};
+}
 
 // Where grad-values go.  A long reduction is split among threads, each
 // summing its share of every block into its own partial sums
@@ -359,7 +449,7 @@ struct TapWork {
 // stays in L1 while the column's blocks use it.  Split: each thread walks its
 // units chunk by chunk through every tap and block, so A and B are read once.
 // Unsplit: each thread takes whole block columns through all units.
-void grad_values_blocks(const GradRows& a, const float* b, int64_t ldb, int64_t in_cols,
+void grad_values_blocks(const GradRows& a, const GradCols& b, int64_t ldb,
                         std::vector<TapWork>& taps, int64_t n_units, const GradValues& dv) {
   const IsaKernel& k = isa();
   const int64_t bo = dv.bo, bi = dv.bi;
@@ -388,7 +478,7 @@ void grad_values_blocks(const GradRows& a, const float* b, int64_t ldb, int64_t 
     const TapWork& tw = taps[tap];
     const int64_t s0 = tw.unit_ptr[u0], s1 = tw.unit_ptr[u1];
     if (s0 == s1) return false;
-    const int64_t col0 = tw.entries[first_entry].col0, valid = std::min(bi, in_cols - col0);
+    const int64_t col0 = tw.entries[first_entry].col0, valid = std::min(bi, b.cols - col0);
     int64_t kc = 0;
     for (int64_t s = s0; s < s1; ++s) kc += tw.segs[s].k;
     w.panel.resize(size_t(kc * bi));
@@ -397,13 +487,26 @@ void grad_values_blocks(const GradRows& a, const float* b, int64_t ldb, int64_t 
     for (int64_t s = s0; s < s1; ++s) {
       const Segment& sg = tw.segs[s];
       w.terms.push_back({0, sg.k, sg.a_off, dst});
-      const float* src = b + sg.b_off + col0;
-      for (int32_t kk = 0; kk < sg.k; ++kk, src += ldb, dst += bi) {
-        if (valid == bi) {
-          for (int64_t c = 0; c < bi; ++c) dst[c] = src[c];
-        } else {
-          for (int64_t c = 0; c < bi; ++c) dst[c] = c < valid ? src[c] : 0.f;
+      const float* src = b.base + sg.b_off + col0 * b.col_stride;
+      if (b.col_stride == 1) {  // channels contiguous: row by row
+        for (int32_t kk = 0; kk < sg.k; ++kk, src += ldb, dst += bi) {
+          if (valid == bi) {
+            for (int64_t c = 0; c < bi; ++c) dst[c] = src[c];
+          } else {
+            for (int64_t c = 0; c < bi; ++c) dst[c] = c < valid ? src[c] : 0.f;
+          }
         }
+      } else if (ldb == 1) {  // NCHW, consecutive pixels: a transpose of the channels' rows
+        k.transpose(src, b.col_stride, int(valid), sg.k, dst, bi, false);
+        for (int32_t kk = 0; kk < sg.k; ++kk)
+          for (int64_t c = valid; c < bi; ++c) dst[kk * bi + c] = 0.f;
+        dst += sg.k * bi;
+      } else {  // NCHW, strided pixels: channel by channel
+        for (int64_t c = 0; c < bi; ++c) {
+          const float* col = src + c * b.col_stride;
+          for (int32_t kk = 0; kk < sg.k; ++kk) dst[kk * bi + c] = c < valid ? col[kk * ldb] : 0.f;
+        }
+        dst += sg.k * bi;
       }
     }
     const float* a_rows[kMaxTileRows];
@@ -495,8 +598,8 @@ void linear_forward_weights_first(const at::Tensor& x, const at::Tensor& values,
   const at::Tensor xt = permuted(x, {1, 0}, kTransposeA);
   at::Tensor yt = scratch(kTransposeB, {out_features, n}, x.options());
   const int64_t panel = std::min<int64_t>(n, 64);
-  SparseGemm g{out_features, cdiv(n, panel), int(panel), n, yt.data_ptr<float>(), n, {}, {}, n,
-               nullptr, 1, bo};
+  SparseGemm g{out_features, cdiv(n, panel), int(panel), n, matrix_rows(yt.data_ptr<float>(), out_features, n),
+               {}, {}, n, nullptr, 1, bo};
   const int32_t *rp = row_ptr.data_ptr<int32_t>(), *ci = col_idx.data_ptr<int32_t>(),
                 *sl = slot.data_ptr<int32_t>();
   g.term_ptr.assign(rp, rp + R + 1);
@@ -518,13 +621,14 @@ void linear_forward_weights_first(const at::Tensor& x, const at::Tensor& values,
 // Up to one B panel (64 tokens) the weights-first forward streams the values once.
 constexpr int64_t kWeightsFirstTokens = 64;
 
-// y [N, out] (contiguous) = x W^T + bias: the forward of linear and of pointwise convs.
-void linear_forward_into(const at::Tensor& x_, const at::Tensor& values_, const at::Tensor& row_ptr,
-                         const at::Tensor& col_idx, const at::Tensor& slot,
-                         const std::optional<at::Tensor>& bias, int64_t out_features, at::Tensor& y) {
+// y [N, out] = x W^T + bias.
+at::Tensor linear_forward(const at::Tensor& x_, const at::Tensor& values_, const at::Tensor& row_ptr,
+                          const at::Tensor& col_idx, const at::Tensor& slot,
+                          const std::optional<at::Tensor>& bias, int64_t out_features) {
   check_float(x_, "x");
   check_float(values_, "values");
   const at::Tensor x = x_.contiguous();
+  at::Tensor y = at::empty({x.size(0), out_features}, x.options());
   const int64_t n = x.size(0), in = x.size(1), nnzb = values_.size(0);
   const int64_t bo = values_.size(1), bi = values_.size(2), R = row_ptr.numel() - 1;
   check_indices(row_ptr, col_idx, slot, cdiv(in, bi), nnzb, "BSR");
@@ -535,15 +639,16 @@ void linear_forward_into(const at::Tensor& x_, const at::Tensor& values_, const 
   // values block group by block group inside the threads; otherwise one
   // transposed copy of all values is cheapest.
   const bool values_dominate = n * (in + out_features) < nnzb * bo * bi;
-  if (n >= 16 && n <= kWeightsFirstTokens && values_dominate)
-    return linear_forward_weights_first(x, values_.contiguous(), row_ptr, col_idx, slot, bias,
-                                        out_features, y);
+  if (n >= 16 && n <= kWeightsFirstTokens && values_dominate) {
+    linear_forward_weights_first(x, values_.contiguous(), row_ptr, col_idx, slot, bias, out_features, y);
+    return y;
+  }
   const bool per_group = n >= 16 && values_dominate;
   const at::Tensor values = values_.contiguous();
   // [nnzb, Bi, Bo]: Bo is the vector axis
   const at::Tensor vt = per_group ? values : permuted(values, {0, 2, 1}, kTransposeA);
   const at::Tensor bp = padded_bias(bias, R * bo, x);
-  SparseGemm g{n, R, int(bo), out_features, y.data_ptr<float>(), out_features, {}, {}, bo,
+  SparseGemm g{n, R, int(bo), out_features, matrix_rows(y.data_ptr<float>(), n, out_features), {}, {}, bo,
                bp.defined() ? bp.data_ptr<float>() : nullptr, 1};
   g.transposed_b = per_group;
   g.ldb_t = bi;
@@ -558,29 +663,21 @@ void linear_forward_into(const at::Tensor& x_, const at::Tensor& values_, const 
   run(g, [&](int64_t m0, int tn, const int32_t*, int64_t, const float** a_rows) {
     for (int t = 0; t < kMaxTileRows; ++t) a_rows[t] = t < tn ? xp + (m0 + t) * in : zero;
   });
-}
-
-at::Tensor linear_forward(const at::Tensor& x, const at::Tensor& values, const at::Tensor& row_ptr,
-                          const at::Tensor& col_idx, const at::Tensor& slot,
-                          const std::optional<at::Tensor>& bias, int64_t out_features) {
-  check_float(x, "x");
-  at::Tensor y = at::empty({x.size(0), out_features}, x.options());
-  linear_forward_into(x, values, row_ptr, col_idx, slot, bias, out_features, y);
   return y;
 }
 
-// dx [N, in] (contiguous) = dy W: grad-input of linear and of pointwise convs.
-void linear_grad_input_into(const at::Tensor& dy_, const at::Tensor& values_, const at::Tensor& col_ptr,
-                            const at::Tensor& row_idx, const at::Tensor& tslot, int64_t in_features,
-                            at::Tensor& dx) {
+// dx [N, in] = dy W.
+at::Tensor linear_grad_input(const at::Tensor& dy_, const at::Tensor& values_, const at::Tensor& col_ptr,
+                             const at::Tensor& row_idx, const at::Tensor& tslot, int64_t in_features) {
   check_float(dy_, "grad_out");
   check_float(values_, "values");
   const at::Tensor dy = dy_.contiguous(), values = values_.contiguous();
+  at::Tensor dx = at::empty({dy.size(0), in_features}, dy.options());
   const int64_t n = dy.size(0), out = dy.size(1), nnzb = values.size(0);
   const int64_t bo = values.size(1), bi = values.size(2), C = col_ptr.numel() - 1;
   check_indices(col_ptr, row_idx, tslot, cdiv(out, bo), nnzb, "transposed");
   TORCH_CHECK(C == cdiv(in_features, bi), "freetickets_cpu: col_ptr does not match in_features");
-  SparseGemm g{n, C, int(bi), in_features, dx.data_ptr<float>(), in_features, {}, {}, bi, nullptr, 1};
+  SparseGemm g{n, C, int(bi), in_features, matrix_rows(dx.data_ptr<float>(), n, in_features), {}, {}, bi, nullptr, 1};
   const int32_t *cp = col_ptr.data_ptr<int32_t>(), *ri = row_idx.data_ptr<int32_t>(),
                 *ts = tslot.data_ptr<int32_t>();
   g.term_ptr.assign(cp, cp + C + 1);
@@ -592,49 +689,44 @@ void linear_grad_input_into(const at::Tensor& dy_, const at::Tensor& values_, co
   run(g, [&](int64_t m0, int tn, const int32_t*, int64_t, const float** a_rows) {
     for (int t = 0; t < kMaxTileRows; ++t) a_rows[t] = t < tn ? dp + (m0 + t) * out : zero;
   });
-}
-
-at::Tensor linear_grad_input(const at::Tensor& dy, const at::Tensor& values, const at::Tensor& col_ptr,
-                             const at::Tensor& row_idx, const at::Tensor& tslot, int64_t in_features) {
-  check_float(dy, "grad_out");
-  at::Tensor dx = at::empty({dy.size(0), in_features}, dy.options());
-  linear_grad_input_into(dy, values, col_ptr, row_idx, tslot, in_features, dx);
   return dx;
 }
 
-// Grad-values of linear and of pointwise convs: B is x [M, in] (row-major),
-// whose rows are the reduction, in units of up to 256 rows that never cross
-// from one of `images` to the next (A may not be contiguous across them).
-at::Tensor grad_values_pointwise(const GradRows& a, const at::Tensor& x_, int64_t images, const at::Tensor& row_ptr,
-                                 const at::Tensor& col_idx, const at::Tensor& slot, at::IntArrayRef block_size) {
-  const at::Tensor x = x_.contiguous();
-  const int64_t rows = x.size(0), in = x.size(1), nnzb = col_idx.numel(), bo = block_size[0], bi = block_size[1];
+// Grad-values of linear and of pointwise convs: the reduction runs over the
+// per_image pixels (tokens) of each of `images`, in units of up to 256 that
+// never cross from one image to the next (A and B may not be contiguous
+// across them).
+at::Tensor grad_values_pointwise(const GradRows& a, const GradCols& b, int64_t images, int64_t per_image,
+                                 const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& slot,
+                                 at::IntArrayRef block_size, const at::Tensor& like) {
+  const int64_t rows = images * per_image, in = b.cols, nnzb = col_idx.numel(), bo = block_size[0],
+                bi = block_size[1];
   check_indices(row_ptr, col_idx, slot, cdiv(in, bi), nnzb, "BSR");
   std::vector<TapWork> work = taps_with_entries(row_ptr, col_idx, slot, 1, cdiv(in, bi), bi);
   TapWork& tw = work[0];
-  const int64_t per_image = rows / images;
   tw.unit_ptr.push_back(0);
   for (int64_t n = 0; n < images; ++n)
     for (int64_t k0 = 0; k0 < per_image; k0 += 256) {
-      tw.segs.push_back({n * a.image_stride + k0 * a.k_stride, (n * per_image + k0) * in,
+      tw.segs.push_back({n * a.image_stride + k0 * a.k_stride, n * b.image_stride + k0 * b.k_stride,
                          int32_t(std::min<int64_t>(256, per_image - k0))});
       tw.unit_ptr.push_back(int64_t(tw.segs.size()));
     }
   const int64_t units = int64_t(tw.segs.size());
-  const GradValues dv = new_grad_values(x, nnzb, bo, bi, units, rows * (in + a.rows),
+  const GradValues dv = new_grad_values(like, nnzb, bo, bi, units, rows * (in + a.rows),
                                         a.rows % bo != 0 || in % bi != 0);
-  grad_values_blocks(a, x.data_ptr<float>(), in, in, work, units, dv);
+  grad_values_blocks(a, b, b.k_stride, work, units, dv);
   return dv.result();
 }
 
-at::Tensor linear_grad_values(const at::Tensor& dy_, const at::Tensor& x, const at::Tensor& row_ptr,
+at::Tensor linear_grad_values(const at::Tensor& dy_, const at::Tensor& x_, const at::Tensor& row_ptr,
                               const at::Tensor& col_idx, const at::Tensor& slot,
                               at::IntArrayRef block_size) {
   check_float(dy_, "grad_out");
-  check_float(x, "x");
-  const at::Tensor dy = dy_.contiguous();
+  check_float(x_, "x");
+  const at::Tensor dy = dy_.contiguous(), x = x_.contiguous();
   const GradRows a{dy.data_ptr<float>(), 1, dy.size(1), 0, dy.size(1)};
-  return grad_values_pointwise(a, x, 1, row_ptr, col_idx, slot, block_size);
+  const GradCols b{x.data_ptr<float>(), 1, x.size(1), 0, x.size(1)};
+  return grad_values_pointwise(a, b, 1, x.size(0), row_ptr, col_idx, slot, block_size, x);
 }
 
 // ------------------------------------------------------------------ conv2d
@@ -659,37 +751,29 @@ ConvGeom conv_geom(at::IntArrayRef input_size, int64_t cout, at::IntArrayRef ker
   return g;
 }
 
-// (image, row, column) of consecutive pixels m0, m0 + 1, ... without a division per pixel.
-struct PixelWalk {
-  int64_t n, y, x, height, width;
-  PixelWalk(int64_t m0, int64_t height_, int64_t width_)
-      : n(m0 / (height_ * width_)), y(m0 / width_ % height_), x(m0 % width_), height(height_), width(width_) {}
-  void next() {
-    if (++x < width) return;
-    x = 0;
-    if (++y < height) return;
-    y = 0;
-    ++n;
-  }
-};
-
 // The A row pointers of a conv's implicit GEMM: GEMM row m is pixel (y, x) of
 // image n in the walked grid (forward: the output; grad-input: the input), and
 // tap `tap` reads pixel ((y * mul_h + h[tap]) / div_h, (x * mul_w + w[tap]) / div_w)
-// of `src` (NHWC, channels contiguous) when that divides exactly and lies
-// inside it, else zeros.  Forward: mul = stride, div = 1.  Grad-input walks
-// the transposed conv: mul = 1, div = stride, offsets negated.
+// of `src` when that divides exactly and lies inside it, else zeros.
+// Forward: mul = stride, div = 1.  Grad-input walks the transposed conv:
+// mul = 1, div = stride, offsets negated.  `src` is read in place through its
+// strides: a row points at a pixel's first channel, the kernel steps
+// `channel_stride` per channel (1 for channels_last, H * W for NCHW).
 struct TapRows {
   const float* src;
-  const float* zero;
-  int64_t src_h, src_w, channels, walk_h, walk_w, mul_h, mul_w, div_h, div_w;
+  at::Tensor zeros;  // a padding row: zero wherever a term reads it
+  int64_t src_h, src_w, image_stride, y_stride, x_stride, channel_stride;
+  int64_t walk_h, walk_w, mul_h, mul_w, div_h, div_w;
   std::vector<int64_t> h, w;
 
-  TapRows(const ConvGeom& g, bool transposed, const float* src_, const float* zero_)
-      : src(src_), zero(zero_) {
-    src_h = transposed ? g.oh : g.h;
-    src_w = transposed ? g.ow : g.w;
-    channels = transposed ? g.cout : g.cin;
+  TapRows(const ConvGeom& g, bool transposed, const at::Tensor& src_) : src(src_.data_ptr<float>()) {
+    src_h = src_.size(2);
+    src_w = src_.size(3);
+    image_stride = src_.stride(0);
+    y_stride = src_.stride(2);
+    x_stride = src_.stride(3);
+    channel_stride = src_.stride(1);
+    zeros = at::zeros({(src_.size(1) - 1) * channel_stride + 1}, src_.options());
     walk_h = transposed ? g.h : g.oh;
     walk_w = transposed ? g.w : g.ow;
     mul_h = transposed ? 1 : g.sh;
@@ -710,104 +794,90 @@ struct TapRows {
 
   void fill(int64_t m0, int tn, const int32_t* taps, int64_t ntaps, const float** a_rows) const {
     // locals: the pointer stores below would otherwise reload every member
-    const int64_t *hs = h.data(), *ws = w.data(), sh = src_h, sw = src_w, c = channels;
+    const int64_t *hs = h.data(), *ws = w.data(), sh = src_h, sw = src_w, ys = y_stride, xs = x_stride;
     const int64_t mh = mul_h, mw = mul_w, dh = div_h, dw = div_w;
+    const float* zero = zeros.data_ptr<float>();
     PixelWalk px(m0, walk_h, walk_w);
     for (int t = 0; t < kMaxTileRows; ++t, px.next()) {
-      const float* image = src + px.n * sh * sw * c;
+      const float* image = src + px.n * image_stride;
       for (int64_t u = 0; u < ntaps; ++u) {
         const int64_t sy = px.y * mh + hs[taps[u]], sx = px.x * mw + ws[taps[u]];
         const bool ok = t < tn && inside(sy, dh, sh) && inside(sx, dw, sw);
-        a_rows[taps[u] * kMaxTileRows + t] = ok ? image + (sy / dh * sw + sx / dw) * c : zero;
+        a_rows[taps[u] * kMaxTileRows + t] = ok ? image + sy / dh * ys + sx / dw * xs : zero;
       }
     }
   }
 };
 
-at::Tensor conv2d_forward(const at::Tensor& x_, const at::Tensor& values_, const at::Tensor& row_ptr,
+// Forward, grad-input: one sparse GEMM whose A rows are `rows`.
+void run_conv(SparseGemm& gemm, const TapRows& rows) {
+  gemm.a_stride = rows.channel_stride;
+  run(gemm, [&](int64_t m0, int tn, const int32_t* taps, int64_t ntaps, const float** a_rows) {
+    rows.fill(m0, tn, taps, ntaps, a_rows);
+  });
+}
+
+at::Tensor conv2d_forward(const at::Tensor& x, const at::Tensor& values_, const at::Tensor& row_ptr,
                           const at::Tensor& col_idx, const at::Tensor& slot,
                           const std::optional<at::Tensor>& bias, int64_t out_channels,
                           at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding,
                           at::IntArrayRef dilation) {
-  check_float(x_, "x");
+  check_float(x, "x");
   check_float(values_, "values");
-  const ConvGeom g = conv_geom(x_.sizes(), out_channels, kernel, stride, padding, dilation);
-  if (g.pointwise()) {  // a linear layer over the pixels of the NHWC input
-    const at::Tensor xn = permuted(x_, {0, 2, 3, 1}, kNhwcIn).view({-1, g.cin});
-    at::Tensor yn = conv_result_buffer({g.n, g.oh, g.ow, g.cout}, x_);
-    at::Tensor y2d = yn.view({-1, g.cout});
-    linear_forward_into(xn, values_, row_ptr, col_idx, slot, bias, out_channels, y2d);
-    return to_conv_output(yn, x_);
-  }
+  const ConvGeom g = conv_geom(x.sizes(), out_channels, kernel, stride, padding, dilation);
   const int64_t nnzb = values_.size(0), bo = values_.size(1), bi = values_.size(2);
   const int64_t cbpt = cdiv(g.cin, bi), R = row_ptr.numel() - 1;
   check_indices(row_ptr, col_idx, slot, g.taps() * cbpt, nnzb, "BSR");
   TORCH_CHECK(R == cdiv(out_channels, bo), "freetickets_cpu: row_ptr does not match out_channels");
-  const at::Tensor xn = permuted(x_, {0, 2, 3, 1}, kNhwcIn);  // NHWC: a tap's channels are contiguous
   const at::Tensor vt = values_.transpose(1, 2).contiguous();  // small next to the activations
-  at::Tensor yn = conv_result_buffer({g.n, g.oh, g.ow, g.cout}, x_);
-  const at::Tensor bp = padded_bias(bias, R * bo, x_);
-  SparseGemm gemm{g.n * g.oh * g.ow, R, int(bo), g.cout, yn.data_ptr<float>(), g.cout, {}, {}, bo,
+  const at::Tensor y = conv_output({g.n, g.cout, g.oh, g.ow}, x);
+  const at::Tensor bp = padded_bias(bias, R * bo, x);
+  const TapRows rows(g, /*transposed=*/false, x);
+  SparseGemm gemm{g.n * g.oh * g.ow, R, int(bo), g.cout, pixel_rows(y), {}, {}, bo,
                   bp.defined() ? bp.data_ptr<float>() : nullptr, int(g.taps())};
   const int32_t *rp = row_ptr.data_ptr<int32_t>(), *ci = col_idx.data_ptr<int32_t>(),
                 *sl = slot.data_ptr<int32_t>();
   gemm.term_ptr.assign(rp, rp + R + 1);
   for (int64_t e = 0; e < nnzb; ++e) {
     const int64_t tap = ci[e] / cbpt, cb = ci[e] % cbpt;
-    gemm.terms.push_back({int32_t(tap), int32_t(std::min(bi, g.cin - cb * bi)), cb * bi,
+    gemm.terms.push_back({int32_t(tap), int32_t(std::min(bi, g.cin - cb * bi)), cb * bi * rows.channel_stride,
                           vt.data_ptr<float>() + sl[e] * bi * bo});
   }
-  const at::Tensor zeros = at::zeros({g.cin}, x_.options());
-  const TapRows rows(g, /*transposed=*/false, xn.data_ptr<float>(), zeros.data_ptr<float>());
-  run(gemm, [&](int64_t m0, int tn, const int32_t* taps, int64_t ntaps, const float** a_rows) {
-    rows.fill(m0, tn, taps, ntaps, a_rows);
-  });
-  return to_conv_output(yn, x_);
+  run_conv(gemm, rows);
+  return y;
 }
 
-at::Tensor conv2d_grad_input(const at::Tensor& dy_, const at::Tensor& values_, const at::Tensor& col_ptr,
+at::Tensor conv2d_grad_input(const at::Tensor& dy, const at::Tensor& values_, const at::Tensor& col_ptr,
                              const at::Tensor& row_idx, const at::Tensor& tslot,
                              at::IntArrayRef input_size, at::IntArrayRef kernel, at::IntArrayRef stride,
                              at::IntArrayRef padding, at::IntArrayRef dilation) {
-  check_float(dy_, "grad_out");
+  check_float(dy, "grad_out");
   check_float(values_, "values");
-  const ConvGeom g = conv_geom(input_size, dy_.size(1), kernel, stride, padding, dilation);
-  TORCH_CHECK(dy_.size(2) == g.oh && dy_.size(3) == g.ow,
+  const ConvGeom g = conv_geom(input_size, dy.size(1), kernel, stride, padding, dilation);
+  TORCH_CHECK(dy.size(2) == g.oh && dy.size(3) == g.ow,
               "freetickets_cpu: grad_out spatial size does not match the conv geometry");
-  if (g.pointwise()) {
-    const at::Tensor dyn = permuted(dy_, {0, 2, 3, 1}, kNhwcIn).view({-1, g.cout});
-    at::Tensor dxn = conv_result_buffer({g.n, g.h, g.w, g.cin}, dy_);
-    at::Tensor dx2d = dxn.view({-1, g.cin});
-    linear_grad_input_into(dyn, values_, col_ptr, row_idx, tslot, g.cin, dx2d);
-    return to_conv_output(dxn, dy_);
-  }
   const at::Tensor values = values_.contiguous();
   const int64_t nnzb = values.size(0), bo = values.size(1), bi = values.size(2);
   const int64_t cbpt = cdiv(g.cin, bi), C = col_ptr.numel() - 1;
   TORCH_CHECK(C == g.taps() * cbpt, "freetickets_cpu: col_ptr does not match the input channels");
   check_indices(col_ptr, row_idx, tslot, cdiv(g.cout, bo), nnzb, "transposed");
-  const at::Tensor dyn = permuted(dy_, {0, 2, 3, 1}, kNhwcIn);
-  at::Tensor dxn = conv_result_buffer({g.n, g.h, g.w, g.cin}, dy_);
+  const at::Tensor dx = conv_output({g.n, g.cin, g.h, g.w}, dy);
+  const TapRows rows(g, /*transposed=*/true, dy);
   // Output block cb (Bi input channels) sums, over taps, the blocks of column tap*cbpt + cb.
-  SparseGemm gemm{g.n * g.h * g.w, cbpt, int(bi), g.cin, dxn.data_ptr<float>(), g.cin, {0}, {}, bi,
-                  nullptr, int(g.taps())};
+  SparseGemm gemm{g.n * g.h * g.w, cbpt, int(bi), g.cin, pixel_rows(dx), {0}, {}, bi, nullptr, int(g.taps())};
   const int32_t *cp = col_ptr.data_ptr<int32_t>(), *ri = row_idx.data_ptr<int32_t>(),
                 *ts = tslot.data_ptr<int32_t>();
   for (int64_t cb = 0; cb < cbpt; ++cb) {
     for (int64_t tap = 0; tap < g.taps(); ++tap) {
       const int64_t col = tap * cbpt + cb;
       for (int32_t e = cp[col]; e < cp[col + 1]; ++e)
-        gemm.terms.push_back({int32_t(tap), int32_t(std::min(bo, g.cout - ri[e] * bo)), ri[e] * bo,
-                              values.data_ptr<float>() + ts[e] * bo * bi});
+        gemm.terms.push_back({int32_t(tap), int32_t(std::min(bo, g.cout - ri[e] * bo)),
+                              ri[e] * bo * rows.channel_stride, values.data_ptr<float>() + ts[e] * bo * bi});
     }
     gemm.term_ptr.push_back(int64_t(gemm.terms.size()));
   }
-  const at::Tensor zeros = at::zeros({g.cout}, dy_.options());
-  const TapRows rows(g, /*transposed=*/true, dyn.data_ptr<float>(), zeros.data_ptr<float>());
-  run(gemm, [&](int64_t m0, int tn, const int32_t* taps, int64_t ntaps, const float** a_rows) {
-    rows.fill(m0, tn, taps, ntaps, a_rows);
-  });
-  return to_conv_output(dxn, dy_);
+  run_conv(gemm, rows);
+  return dx;
 }
 
 at::Tensor conv2d_grad_values(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& row_ptr,
@@ -819,14 +889,11 @@ at::Tensor conv2d_grad_values(const at::Tensor& dy, const at::Tensor& x, const a
   const ConvGeom g = conv_geom(x.sizes(), dy.size(1), kernel, stride, padding, dilation);
   const int64_t nnzb = col_idx.numel(), bo = block_size[0], bi = block_size[1];
   const int64_t cbpt = cdiv(g.cin, bi), M = g.n * g.oh * g.ow;
-  // either memory format flattens (oh, ow) to one pixel stride (a size-1
-  // dimension's stride is arbitrary: with one column, rows step the pixels)
-  const at::Tensor dyc = dy.is_contiguous() || dy.is_contiguous(at::MemoryFormat::ChannelsLast) ? dy : dy.contiguous();
-  const GradRows a{dyc.data_ptr<float>(), dyc.stride(1), g.ow > 1 ? dyc.stride(3) : dyc.stride(2), dyc.stride(0),
-                   g.cout};
-  const at::Tensor xn = permuted(x, {0, 2, 3, 1}, kNhwcIn);  // NHWC: B rows are pixels
+  const FlatPixels dyf = flat_pixels(dy), xf = flat_pixels(x);
+  const GradRows a{dyf.t.data_ptr<float>(), dyf.channel, dyf.pixel, dyf.image, g.cout};
+  const GradCols b{xf.t.data_ptr<float>(), xf.channel, xf.pixel, xf.image, g.cin};
   if (g.pointwise())
-    return grad_values_pointwise(a, xn.view({M, g.cin}), g.n, row_ptr, col_idx, slot, block_size);
+    return grad_values_pointwise(a, b, g.n, g.h * g.w, row_ptr, col_idx, slot, block_size, x);
   check_indices(row_ptr, col_idx, slot, g.taps() * cbpt, nnzb, "BSR");
   std::vector<TapWork> work = taps_with_entries(row_ptr, col_idx, slot, g.taps(), cbpt, bi);
   // units are output rows (n, oh); each tap reads one segment of a row: the
@@ -842,13 +909,13 @@ at::Tensor conv2d_grad_values(const at::Tensor& dy, const at::Tensor& x, const a
         const int64_t ih = oh * g.sh - g.ph + i * g.dh, iw = ow_lo * g.sw - g.pw + j * g.dw;
         if (!tw.entries.empty() && ow_hi > ow_lo && ih >= 0 && ih < g.h)
           tw.segs.push_back({n * a.image_stride + (oh * g.ow + ow_lo) * a.k_stride,
-                             ((n * g.h + ih) * g.w + iw) * g.cin, int32_t(ow_hi - ow_lo)});
+                             n * b.image_stride + ih * xf.t.stride(2) + iw * xf.t.stride(3), int32_t(ow_hi - ow_lo)});
         tw.unit_ptr.push_back(int64_t(tw.segs.size()));
       }
   }
   const GradValues dv = new_grad_values(x, nnzb, bo, bi, g.n * g.oh, M * (g.cout + g.taps() * g.cin),
                                         g.cout % bo != 0 || g.cin % bi != 0);
-  grad_values_blocks(a, xn.data_ptr<float>(), g.sw * g.cin, g.cin, work, g.n * g.oh, dv);
+  grad_values_blocks(a, b, g.sw * xf.t.stride(3), work, g.n * g.oh, dv);
   return dv.result();
 }
 
