@@ -84,23 +84,28 @@ def _in_format(t, fmt):
     return t.contiguous()
 
 
+@pytest.mark.parametrize("isa", _isas())
 @pytest.mark.parametrize("fmt", ["contiguous", "channels_last", "strided"])
-@pytest.mark.parametrize("kernel,stride,padding,hw", [
-    (3, 1, 1, (9, 9)),
-    (3, 2, 1, (9, 8)),   # grad-input walks the transposed conv: some input pixels get no tap
-    (1, 1, 0, (16, 20)),  # pointwise: one tap, reductions longer than 256 pixels
-    (1, 1, 0, (4, 5)),
+@pytest.mark.parametrize("kernel,stride,padding,hw,batch", [
+    (3, 1, 1, (9, 9), 2),
+    (3, 2, 1, (9, 8), 2),   # grad-input walks the transposed conv: some input pixels get no tap
+    # pointwise on NCHW planes runs weights-first per image: planes of whole lines read
+    # in place (reductions longer than 256 pixels); else padded, images shared out
+    (1, 1, 0, (16, 20), 2),
+    (1, 1, 0, (4, 5), 5),
+    (1, 1, 0, (3, 3), 2),   # planes shorter than a vector: the general path
 ])
-def test_conv2d_reads_and_writes_in_any_memory_format(fmt, kernel, stride, padding, hw):
+def test_conv2d_reads_and_writes_in_any_memory_format(isa, fmt, kernel, stride, padding, hw, batch):
     # Inputs are read in place through their strides (no NHWC copy) and results
-    # written in place: NCHW with strided columns, channels_last with contiguous ones.
+    # written in place: NCHW through a transpose of each item's rows, channels_last directly.
     from freetickets_kernels.backends import cpu, reference
 
+    cpu.set_isa(isa)
     layout = random_layout((40, 24, kernel, kernel), (16, 8), 0.6, seed=15)
     values = random_values(layout, dtype=torch.float32)
     idx = layout.indices
     geo = ([kernel] * 2, [stride] * 2, [padding] * 2, [1, 1])
-    x = _in_format(torch.randn(2, 24, *hw), fmt)
+    x = _in_format(torch.randn(batch, 24, *hw), fmt)
     bias = torch.randn(40)
     y = cpu.conv2d_forward(x, values, idx.row_ptr, idx.col_idx, idx.slot, bias, 40, *geo)
     want = reference.conv2d_forward(x.double(), values.double(), idx.row_ptr, idx.col_idx, idx.slot,
@@ -222,11 +227,16 @@ def test_forward_transposes_values_up_front_or_on_the_fly(rows):
     _compare(lambda x, v: ftk.block_sparse_conv2d(x, v, clayout, None, 1, 1), [x, cvalues])
 
 
+@pytest.mark.parametrize("isa", _isas())
 @pytest.mark.parametrize("tokens", [16, 20, 64, 70])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_linear_weights_first_path_for_few_tokens(tokens, with_bias):
+def test_linear_weights_first_path_for_few_tokens(isa, tokens, with_bias):
     # many live values: up to 64 tokens the forward computes Y^T = W X^T (values as
-    # stored); beyond, each thread transposes its group of blocks (70 tokens)
+    # stored; 20 tokens: X^T rows padded to whole lines, a ragged vector); beyond,
+    # each thread transposes its group of blocks (70 tokens)
+    from freetickets_kernels.backends import cpu
+
+    cpu.set_isa(isa)
     layout = random_layout((200, 300), (16, 16), 0.9, seed=14)
     values = random_values(layout, dtype=torch.float32)
     assert tokens * (200 + 300) < layout.nnzb * 16 * 16

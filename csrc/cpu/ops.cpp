@@ -323,8 +323,9 @@ void run(const SparseGemm& g, FillRows fill_rows) {
           args.tn = tn;
           args.width = g.width;
           args.w_valid = int(std::min<int64_t>(g.width, g.out_cols - blk * g.width));
-          // packed blocks are zero-padded to full width; a B matrix may end mid-panel
-          args.b_full_width = !g.row_group || (blk + 1) * g.width <= g.ldb;
+          // packed blocks are zero-padded to full width; a B matrix (no bias) may end mid-panel or
+          // have readable padding past it
+          args.b_cols = int(g.row_group ? g.ldb - blk * g.width : g.width);
           args.accumulate = false;
           args.a_rows = a_rows.data();
           args.a_stride = g.a_stride;
@@ -527,7 +528,7 @@ void grad_values_blocks(const GradRows& a, const GradCols& b, int64_t ldb,
         args.tn = tn;
         args.width = int(bi);
         args.w_valid = int(valid);
-        args.b_full_width = true;  // the panel is zero-padded to Bi columns
+        args.b_cols = int(bi);  // the panel is zero-padded to Bi columns
         args.accumulate = accumulate;
         args.a_rows = a_rows;
         args.a_stride = a.k_stride;
@@ -586,31 +587,75 @@ std::vector<TapWork> taps_with_entries(const at::Tensor& row_ptr, const at::Tens
 
 // ------------------------------------------------------------------ linear
 
-// Y^T [out, N] = W X^T: C rows are output features (tiles stay inside one row
-// block, whose live blocks are the terms), A rows are the stored value rows
-// (a term's a_off selects its slot), B is X^T [in, N], panels of tokens wide.
+// The transposed product C^T [rows, n] = W B^T, vectorized along n so that
+// B^T [inner, n] and C^T are read and written along their rows (ldb, ldc
+// floats apart).  Forward: W's block rows, from the BSR indices; grad-input:
+// W^T's, from the transposed ones.  Tiles stay inside one block row (`group`
+// rows), whose live blocks are the terms; A row t is the block's values at
+// t * row_step, elements elem_step apart (forward: Bi, 1; grad-input: 1, Bi).
+// Linear's few-token forward streams the values once this way, and a
+// pointwise NCHW conv runs on each image's channel planes in place.
+struct WeightsFirst {
+  const float* values;
+  const int32_t *ptr, *idx, *slot;
+  int64_t rows, group, inner, inner_block, row_step, elem_step, block_floats;
+};
+
+WeightsFirst weights_first_forward(const at::Tensor& values, const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                                   const at::Tensor& slot, int64_t out_features, int64_t in_features) {
+  const int64_t bo = values.size(1), bi = values.size(2);
+  return {values.data_ptr<float>(), row_ptr.data_ptr<int32_t>(), col_idx.data_ptr<int32_t>(),
+          slot.data_ptr<int32_t>(), out_features, bo, in_features, bi, bi, 1, bo * bi};
+}
+
+WeightsFirst weights_first_grad_input(const at::Tensor& values, const at::Tensor& col_ptr,
+                                      const at::Tensor& row_idx, const at::Tensor& tslot, int64_t out_features,
+                                      int64_t in_features) {
+  const int64_t bo = values.size(1), bi = values.size(2);
+  return {values.data_ptr<float>(), col_ptr.data_ptr<int32_t>(), row_idx.data_ptr<int32_t>(),
+          tslot.data_ptr<int32_t>(), in_features, bi, out_features, bo, 1, bi, bo * bi};
+}
+
+// Rows of B^T that are not whole cache lines long start mid-line, and every
+// vector load of them straddles two lines (2x slower here), or, at a row's
+// end, goes through the kernel's partial path.  `rows` [r, n] copied into
+// scratch rows padded with zeros to whole lines: read by whole vectors.
+constexpr int64_t kLineFloats = 64 / sizeof(float);
+
+at::Tensor padded_rows(const at::Tensor& rows, Scratch which) {
+  const int64_t n = rows.size(1), ld = cdiv(n, kLineFloats) * kLineFloats;
+  at::Tensor out = scratch(which, {rows.size(0), ld}, rows.options());
+  out.narrow(1, 0, n).copy_(rows);
+  out.narrow(1, n, ld - n).zero_();  // never stored, but no stale denormals in the lanes either
+  return out;
+}
+
+void weights_first(const WeightsFirst& w, const float* bt, int64_t ldb, int64_t n, float* ct, int64_t ldc) {
+  const int64_t panel = std::min<int64_t>(n, 64);
+  const int64_t groups = cdiv(w.rows, w.group);
+  SparseGemm g{w.rows, cdiv(n, panel), int(panel), n, matrix_rows(ct, w.rows, ldc), {}, {}, ldb, nullptr, 1,
+               w.group};
+  g.a_stride = w.elem_step;
+  g.term_ptr.assign(w.ptr, w.ptr + groups + 1);
+  for (int64_t e = 0; e < w.ptr[groups]; ++e)
+    g.terms.push_back({0, int32_t(std::min(w.inner_block, w.inner - w.idx[e] * w.inner_block)),
+                       w.slot[e] * w.block_floats, bt + w.idx[e] * w.inner_block * ldb});
+  run(g, [&](int64_t m0, int tn, const int32_t*, int64_t, const float** a_rows) {
+    const int64_t o = m0 % w.group;  // row inside its block; unused rows read slot 0 harmlessly
+    for (int t = 0; t < kMaxTileRows; ++t) a_rows[t] = w.values + (t < tn ? (o + t) * w.row_step : 0);
+  });
+}
+
+// Linear forward, few tokens: Y^T = W X^T through scratch transposes.
 void linear_forward_weights_first(const at::Tensor& x, const at::Tensor& values,
                                   const at::Tensor& row_ptr, const at::Tensor& col_idx,
                                   const at::Tensor& slot, const std::optional<at::Tensor>& bias,
                                   int64_t out_features, at::Tensor& y) {
-  const int64_t n = x.size(0), in = x.size(1), nnzb = values.size(0);
-  const int64_t bo = values.size(1), bi = values.size(2), R = row_ptr.numel() - 1;
-  const at::Tensor xt = permuted(x, {1, 0}, kTransposeA);
+  const int64_t n = x.size(0), in = x.size(1);
+  const at::Tensor xt = padded_rows(x.t(), kTransposeA);
   at::Tensor yt = scratch(kTransposeB, {out_features, n}, x.options());
-  const int64_t panel = std::min<int64_t>(n, 64);
-  SparseGemm g{out_features, cdiv(n, panel), int(panel), n, matrix_rows(yt.data_ptr<float>(), out_features, n),
-               {}, {}, n, nullptr, 1, bo};
-  const int32_t *rp = row_ptr.data_ptr<int32_t>(), *ci = col_idx.data_ptr<int32_t>(),
-                *sl = slot.data_ptr<int32_t>();
-  g.term_ptr.assign(rp, rp + R + 1);
-  const float* xtp = xt.data_ptr<float>();
-  for (int64_t e = 0; e < nnzb; ++e)
-    g.terms.push_back({0, int32_t(std::min(bi, in - ci[e] * bi)), sl[e] * bo * bi, xtp + ci[e] * bi * n});
-  const float* vp = values.data_ptr<float>();
-  run(g, [&](int64_t m0, int tn, const int32_t*, int64_t, const float** a_rows) {
-    const int64_t o = m0 % bo;  // row inside its block; unused rows read slot 0 harmlessly
-    for (int t = 0; t < kMaxTileRows; ++t) a_rows[t] = vp + (t < tn ? (o + t) * bi : 0);
-  });
+  weights_first(weights_first_forward(values, row_ptr, col_idx, slot, out_features, in), xt.data_ptr<float>(),
+                xt.stride(0), n, yt.data_ptr<float>(), n);
   y.copy_(yt.t());
   if (bias.has_value()) {
     check_float(*bias, "bias");
@@ -809,6 +854,34 @@ struct TapRows {
   }
 };
 
+// A pointwise conv on NCHW planes runs weights-first on each image: the
+// pixels of a channel's plane are a row of B^T and of C^T.  A plane of fewer
+// than 16 pixels would leave the vectors mostly empty.
+bool pointwise_on_planes(const ConvGeom& g, const at::Tensor& t) {
+  return g.pointwise() && t.is_contiguous() && g.h * g.w >= 16;
+}
+
+// out[img] (C_out planes) = weights-first product of src[img] (C_src planes)
+// for every image, reading the planes in place when whole lines long, else
+// through padded_rows (one image at a time: L2-sized).  With a few images per
+// thread, each thread takes whole images (the work of one image at low
+// density is too small to share); else the threads share each image.
+void weights_first_on_planes(const WeightsFirst& w, const at::Tensor& src, const at::Tensor& out) {
+  const int64_t images = src.size(0), c_src = src.size(1), hw = src.size(2) * src.size(3), c_out = out.size(1);
+  auto one_image = [&](int64_t img) {
+    const at::Tensor planes = src.select(0, img).view({c_src, hw});
+    const at::Tensor b = hw % kLineFloats == 0 ? planes : padded_rows(planes, kTransposeA);
+    weights_first(w, b.data_ptr<float>(), b.stride(0), hw, out.data_ptr<float>() + img * c_out * hw, hw);
+  };
+  if (images >= 2 * at::get_num_threads()) {  // run() inside a parallel region runs inline
+    at::parallel_for(0, images, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t img = begin; img < end; ++img) one_image(img);
+    });
+  } else {
+    for (int64_t img = 0; img < images; ++img) one_image(img);
+  }
+}
+
 // Forward, grad-input: one sparse GEMM whose A rows are `rows`.
 void run_conv(SparseGemm& gemm, const TapRows& rows) {
   gemm.a_stride = rows.channel_stride;
@@ -829,8 +902,17 @@ at::Tensor conv2d_forward(const at::Tensor& x, const at::Tensor& values_, const 
   const int64_t cbpt = cdiv(g.cin, bi), R = row_ptr.numel() - 1;
   check_indices(row_ptr, col_idx, slot, g.taps() * cbpt, nnzb, "BSR");
   TORCH_CHECK(R == cdiv(out_channels, bo), "freetickets_cpu: row_ptr does not match out_channels");
-  const at::Tensor vt = values_.transpose(1, 2).contiguous();  // small next to the activations
   const at::Tensor y = conv_output({g.n, g.cout, g.oh, g.ow}, x);
+  if (pointwise_on_planes(g, x)) {
+    const at::Tensor values = values_.contiguous();
+    weights_first_on_planes(weights_first_forward(values, row_ptr, col_idx, slot, g.cout, g.cin), x, y);
+    if (bias.has_value()) {
+      check_float(*bias, "bias");
+      y.add_(bias->view({1, -1, 1, 1}));
+    }
+    return y;
+  }
+  const at::Tensor vt = values_.transpose(1, 2).contiguous();  // small next to the activations
   const at::Tensor bp = padded_bias(bias, R * bo, x);
   const TapRows rows(g, /*transposed=*/false, x);
   SparseGemm gemm{g.n * g.oh * g.ow, R, int(bo), g.cout, pixel_rows(y), {}, {}, bo,
@@ -862,6 +944,10 @@ at::Tensor conv2d_grad_input(const at::Tensor& dy, const at::Tensor& values_, co
   TORCH_CHECK(C == g.taps() * cbpt, "freetickets_cpu: col_ptr does not match the input channels");
   check_indices(col_ptr, row_idx, tslot, cdiv(g.cout, bo), nnzb, "transposed");
   const at::Tensor dx = conv_output({g.n, g.cin, g.h, g.w}, dy);
+  if (pointwise_on_planes(g, dy)) {
+    weights_first_on_planes(weights_first_grad_input(values, col_ptr, row_idx, tslot, g.cout, g.cin), dy, dx);
+    return dx;
+  }
   const TapRows rows(g, /*transposed=*/true, dy);
   // Output block cb (Bi input channels) sums, over taps, the blocks of column tap*cbpt + cb.
   SparseGemm gemm{g.n * g.h * g.w, cbpt, int(bi), g.cin, pixel_rows(dx), {0}, {}, bi, nullptr, int(g.taps())};

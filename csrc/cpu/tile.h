@@ -24,7 +24,7 @@ struct TileArgs {
   int tn;                      // rows to store (<= tile_rows(width)); unused rows point at zeros
   int width;                   // columns computed
   int w_valid;                 // columns stored (< width on a ragged edge)
-  bool b_full_width;           // every B row has `width` readable floats
+  int b_cols;                  // floats readable in every B row (and the bias) from column 0 (>= w_valid)
   bool accumulate;             // start from C's content instead of zero / bias
   const float* const* a_rows;  // [nseg][kMaxTileRows]
   const Term* terms;
