@@ -194,6 +194,10 @@ def _conv_setup(ctx, inputs, output):
 def _conv_backward(ctx, grad):
     x, values, row_ptr, col_idx, slot, col_ptr, row_idx, tslot = ctx.saved_tensors
     need = ctx.needs_input_grad
+    # grad in the forward output's memory format (a no-op but for odd grads, such
+    # as the expanded one of y.sum()): grad-input then returns x's format, as
+    # AccumulateGrad wants (else it copies), and the kernels read it in place
+    grad = grad.contiguous(memory_format=conv_memory_format(x))
     dx = dv = db = None
     if need[0]:
         dx = bsr_conv2d_grad_input(

@@ -144,6 +144,18 @@ def test_conv2d_large_nchw_output_is_streamed_correctly(isa):
         assert_close_scaled(g, r, **FP32)
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_conv_grad_input_has_the_memory_format_of_x(backend):
+    # y.sum()'s grad is an expanded tensor of no memory format: the backward puts it
+    # in y's, so dx comes back in x's (else AccumulateGrad copies it, 3x the op's time)
+    layout = random_layout((32, 16, 3, 3), (16, 16), 0.5, seed=3)
+    values = random_values(layout, dtype=torch.float32)
+    x = torch.randn(2, 16, 8, 8).contiguous(memory_format=torch.channels_last).requires_grad_()
+    with ftk.use_backend(backend):
+        (dx,) = torch.autograd.grad(ftk.block_sparse_conv2d(x, values, layout, None, 1, 1).sum(), x)
+    assert dx.is_contiguous(memory_format=torch.channels_last)
+
+
 @pytest.mark.parametrize("grad_format", ["contiguous", "channels_last", "strided"])
 @pytest.mark.parametrize("shape,kernel,stride,padding", [
     ((3, 24, 9, 9), 3, 1, 1),   # long enough to split the reduction among threads
