@@ -524,6 +524,7 @@ void grad_values_blocks(const GradRows& a, const GradCols& b, int64_t ldb,
           a_rows[t] = a.base + (row0 + std::min(t, tn - 1)) * a.row_stride;  // unused rows repeat a real one
           if (t < tn) c_rows[t] = block + (o0 + t) * bi;
         }
+        const bool adjacent = a.row_stride == 1 && row0 + kMaxTileRows <= a.rows;
         TileArgs args;
         args.tn = tn;
         args.width = int(bi);
@@ -532,6 +533,7 @@ void grad_values_blocks(const GradRows& a, const GradCols& b, int64_t ldb,
         args.accumulate = accumulate;
         args.a_rows = a_rows;
         args.a_stride = a.k_stride;
+        args.a_rows_adjacent = adjacent;
         args.terms = w.terms.data();
         args.nterms = int64_t(w.terms.size());
         args.ldb = bi;

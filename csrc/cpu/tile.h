@@ -30,6 +30,10 @@ struct TileArgs {
   const Term* terms;
   int64_t nterms;
   int64_t a_stride = 1;        // elements between A_t,i[k] and A_t,i[k + 1]
+  // Row t's pointer is row 0's plus t (neighbouring floats, kMaxTileRows of
+  // them readable): one base register instead of one per row, which frees
+  // the general registers the row pointers otherwise spill from.
+  bool a_rows_adjacent = false;
   int64_t ldb;
   int64_t b_off;               // column offset added to every term's B
   const float* bias;           // `width` floats added at init, or nullptr
