@@ -845,6 +845,26 @@ struct TapRows {
     const int64_t mh = mul_h, mw = mul_w, dh = div_h, dw = div_w;
     const float* zero = zeros.data_ptr<float>();
     PixelWalk px(m0, walk_h, walk_w);
+    // Most tiles lie inside one walked row with every tap inside the source
+    // (always so when div == 1 and the row's ends are): pointers then step by
+    // a fixed amount, with no per-row checks.
+    const int64_t x_last = px.x + tn - 1;
+    if (dh == 1 && dw == 1 && x_last < walk_w) {
+      const float* image = src + px.n * image_stride;
+      bool inside_all = true;
+      for (int64_t u = 0; u < ntaps && inside_all; ++u) {
+        const int64_t sy = px.y * mh + hs[taps[u]];
+        inside_all = sy >= 0 && sy < sh && px.x * mw + ws[taps[u]] >= 0 && x_last * mw + ws[taps[u]] < sw;
+      }
+      if (inside_all) {
+        for (int64_t u = 0; u < ntaps; ++u) {
+          const float* p = image + (px.y * mh + hs[taps[u]]) * ys + (px.x * mw + ws[taps[u]]) * xs;
+          const float** out = a_rows + taps[u] * kMaxTileRows;
+          for (int t = 0; t < kMaxTileRows; ++t) out[t] = t < tn ? p + t * mw * xs : zero;
+        }
+        return;
+      }
+    }
     for (int t = 0; t < kMaxTileRows; ++t, px.next()) {
       const float* image = src + px.n * image_stride;
       for (int64_t u = 0; u < ntaps; ++u) {
