@@ -474,21 +474,27 @@ void grad_values_blocks(const GradRows& a, const GradCols& b, int64_t ldb,
     std::vector<float> panel;
   };
   // One block column over units [u0, u1): pack its B rows, run every block.
+  // A column of one block with its channels contiguous reads B in place: a
+  // packed copy pays only when blocks share it.
   auto column = [&](Worker& w, int64_t tap, size_t first_entry, int64_t u0, int64_t u1, int64_t split,
                     bool accumulate) -> bool {
     const TapWork& tw = taps[tap];
     const int64_t s0 = tw.unit_ptr[u0], s1 = tw.unit_ptr[u1];
     if (s0 == s1) return false;
     const int64_t col0 = tw.entries[first_entry].col0, valid = std::min(bi, b.cols - col0);
+    size_t last_entry = first_entry;
+    while (last_entry < tw.entries.size() && tw.entries[last_entry].col0 == col0) ++last_entry;
+    const bool in_place = b.col_stride == 1 && last_entry - first_entry == 1;
     int64_t kc = 0;
     for (int64_t s = s0; s < s1; ++s) kc += tw.segs[s].k;
-    w.panel.resize(size_t(kc * bi));
+    w.panel.resize(in_place ? 0 : size_t(kc * bi));
     w.terms.clear();
     float* dst = w.panel.data();
     for (int64_t s = s0; s < s1; ++s) {
       const Segment& sg = tw.segs[s];
-      w.terms.push_back({0, sg.k, sg.a_off, dst});
       const float* src = b.base + sg.b_off + col0 * b.col_stride;
+      w.terms.push_back({0, sg.k, sg.a_off, in_place ? src : dst});
+      if (in_place) continue;
       if (b.col_stride == 1) {  // channels contiguous: row by row
         for (int32_t kk = 0; kk < sg.k; ++kk, src += ldb, dst += bi) {
           if (valid == bi) {
@@ -512,7 +518,7 @@ void grad_values_blocks(const GradRows& a, const GradCols& b, int64_t ldb,
     }
     const float* a_rows[kMaxTileRows];
     float* c_rows[kMaxTileRows];
-    for (size_t e = first_entry; e < tw.entries.size() && tw.entries[e].col0 == col0; ++e) {
+    for (size_t e = first_entry; e < last_entry; ++e) {
       const Entry& en = tw.entries[e];
       float* block = dv.block(split, en.slot);
       const int64_t rows = std::min(bo, a.rows - en.r * bo);
@@ -529,14 +535,14 @@ void grad_values_blocks(const GradRows& a, const GradCols& b, int64_t ldb,
         args.tn = tn;
         args.width = int(bi);
         args.w_valid = int(valid);
-        args.b_cols = int(bi);  // the panel is zero-padded to Bi columns
+        args.b_cols = int(in_place ? valid : bi);  // the panel is zero-padded to Bi columns
         args.accumulate = accumulate;
         args.a_rows = a_rows;
         args.a_stride = a.k_stride;
         args.a_rows_adjacent = adjacent;
         args.terms = w.terms.data();
         args.nterms = int64_t(w.terms.size());
-        args.ldb = bi;
+        args.ldb = in_place ? ldb : bi;
         args.b_off = 0;
         args.bias = nullptr;
         args.c_rows = c_rows;
