@@ -93,6 +93,7 @@ def _linear_backward(ctx, grad):
     x, values, row_ptr, col_idx, slot, col_ptr, row_idx, tslot = ctx.saved_tensors
     need = ctx.needs_input_grad
     dx = dv = db = None
+    grad = grad.contiguous()  # once for both ops (a no-op but for odd grads, such as y.sum()'s)
     if need[0]:
         dx = bsr_linear_grad_input(grad, values, col_ptr, row_idx, tslot, x.shape[1])
     if need[1]:
