@@ -128,6 +128,24 @@ def test_conv2d_reads_and_writes_in_any_memory_format(isa, fmt, kernel, stride, 
 
 
 @pytest.mark.parametrize("isa", _isas())
+@pytest.mark.parametrize("kernel,padding,dilation", [((3, 3), (1, 1), (1, 1)), ((3, 3), (2, 2), (2, 2)),
+                                                     ((1, 3), (0, 1), (1, 1)), ((3, 3), (0, 0), (1, 1))])
+@pytest.mark.parametrize("batch", [1, 5])
+def test_conv2d_stride1_nchw_on_padded_planes(isa, kernel, padding, dilation, batch):
+    # stride-1 NCHW convs whose maps outweigh the live values run weights-first on each
+    # image zero-padded into scratch (batch 5: images shared among threads); ragged
+    # channel blocks, and a row length (17-19) that is no whole number of vectors
+    from freetickets_kernels.backends import cpu
+
+    cpu.set_isa(isa)
+    layout = random_layout((20, 12, *kernel), (8, 8), 0.5, seed=8)
+    values = random_values(layout, dtype=torch.float32)
+    x = torch.randn(batch, 12, 12, 15)
+    _compare(lambda x, v, b: ftk.block_sparse_conv2d(x, v, layout, b, 1, padding, dilation),
+             [x, values, torch.randn(20)])
+
+
+@pytest.mark.parametrize("isa", _isas())
 def test_conv2d_large_nchw_output_is_streamed_correctly(isa):
     # 6 MB of NCHW output outgrows 2 threads' L2 here, so it is written with
     # non-temporal stores (where aligned: 64x64 planes are)

@@ -207,6 +207,7 @@ struct SparseGemm {
   bool transposed_b = false;
   int64_t ldb_t = 0;
   int64_t a_stride = 1;  // elements between A_t[k] and A_t[k + 1] (NCHW conv input: H * W)
+  int64_t b_readable = 0;  // row_group: floats readable in each B row from column 0 (0: ldb)
 };
 
 // Consecutive column blocks that a tile computes one after the other with the
@@ -325,7 +326,7 @@ void run(const SparseGemm& g, FillRows fill_rows) {
           args.w_valid = int(std::min<int64_t>(g.width, g.out_cols - blk * g.width));
           // packed blocks are zero-padded to full width; a B matrix (no bias) may end mid-panel or
           // have readable padding past it
-          args.b_cols = int(g.row_group ? g.ldb - blk * g.width : g.width);
+          args.b_cols = int(g.row_group ? (g.b_readable ? g.b_readable : g.ldb) - blk * g.width : g.width);
           args.accumulate = false;
           args.a_rows = a_rows.data();
           args.a_stride = g.a_stride;
@@ -607,6 +608,10 @@ struct WeightsFirst {
   const float* values;
   const int32_t *ptr, *idx, *slot;
   int64_t rows, group, inner, inner_block, row_step, elem_step, block_floats;
+  // A conv's block columns are (tap, channel block): tap t's B^T rows start
+  // tap_off[t] floats further on (set by the caller; empty: one tap).
+  int64_t cols_per_tap = 0;
+  std::vector<int64_t> tap_off;
 };
 
 WeightsFirst weights_first_forward(const at::Tensor& values, const at::Tensor& row_ptr, const at::Tensor& col_idx,
@@ -638,16 +643,22 @@ at::Tensor padded_rows(const at::Tensor& rows, Scratch which) {
   return out;
 }
 
-void weights_first(const WeightsFirst& w, const float* bt, int64_t ldb, int64_t n, float* ct, int64_t ldc) {
+// b_readable: floats readable in each B^T row (0: ldb).
+void weights_first(const WeightsFirst& w, const float* bt, int64_t ldb, int64_t n, float* ct, int64_t ldc,
+                   int64_t b_readable = 0) {
   const int64_t panel = std::min<int64_t>(n, 64);
   const int64_t groups = cdiv(w.rows, w.group);
   SparseGemm g{w.rows, cdiv(n, panel), int(panel), n, matrix_rows(ct, w.rows, ldc), {}, {}, ldb, nullptr, 1,
                w.group};
   g.a_stride = w.elem_step;
+  g.b_readable = b_readable;
   g.term_ptr.assign(w.ptr, w.ptr + groups + 1);
-  for (int64_t e = 0; e < w.ptr[groups]; ++e)
-    g.terms.push_back({0, int32_t(std::min(w.inner_block, w.inner - w.idx[e] * w.inner_block)),
-                       w.slot[e] * w.block_floats, bt + w.idx[e] * w.inner_block * ldb});
+  for (int64_t e = 0; e < w.ptr[groups]; ++e) {
+    const int64_t col = w.cols_per_tap ? w.idx[e] % w.cols_per_tap : w.idx[e];
+    const int64_t tap_off = w.cols_per_tap ? w.tap_off[w.idx[e] / w.cols_per_tap] : 0;
+    g.terms.push_back({0, int32_t(std::min(w.inner_block, w.inner - col * w.inner_block)),
+                       w.slot[e] * w.block_floats, bt + tap_off + col * w.inner_block * ldb});
+  }
   run(g, [&](int64_t m0, int tn, const int32_t*, int64_t, const float** a_rows) {
     const int64_t o = m0 % w.group;  // row inside its block; unused rows read slot 0 harmlessly
     for (int t = 0; t < kMaxTileRows; ++t) a_rows[t] = w.values + (t < tn ? (o + t) * w.row_step : 0);
@@ -894,20 +905,62 @@ bool pointwise_on_planes(const ConvGeom& g, const at::Tensor& t) {
 // through padded_rows (one image at a time: L2-sized).  With a few images per
 // thread, each thread takes whole images (the work of one image at low
 // density is too small to share); else the threads share each image.
-void weights_first_on_planes(const WeightsFirst& w, const at::Tensor& src, const at::Tensor& out) {
-  const int64_t images = src.size(0), c_src = src.size(1), hw = src.size(2) * src.size(3), c_out = out.size(1);
-  auto one_image = [&](int64_t img) {
-    const at::Tensor planes = src.select(0, img).view({c_src, hw});
-    const at::Tensor b = hw % kLineFloats == 0 ? planes : padded_rows(planes, kTransposeA);
-    weights_first(w, b.data_ptr<float>(), b.stride(0), hw, out.data_ptr<float>() + img * c_out * hw, hw);
-  };
+template <class OneImage>
+void for_each_image(int64_t images, OneImage one_image) {
   if (images >= 2 * at::get_num_threads()) {  // run() inside a parallel region runs inline
+    // the workers run torch ops on the op's tensors, made under the caller's inference mode
+    const bool inference = c10::InferenceMode::is_enabled();
     at::parallel_for(0, images, 1, [&](int64_t begin, int64_t end) {
+      c10::InferenceMode mode(inference);
       for (int64_t img = begin; img < end; ++img) one_image(img);
     });
   } else {
     for (int64_t img = 0; img < images; ++img) one_image(img);
   }
+}
+
+void weights_first_on_planes(const WeightsFirst& w, const at::Tensor& src, const at::Tensor& out) {
+  const int64_t c_src = src.size(1), hw = src.size(2) * src.size(3), c_out = out.size(1);
+  for_each_image(src.size(0), [&](int64_t img) {
+    const at::Tensor planes = src.select(0, img).view({c_src, hw});
+    const at::Tensor b = hw % kLineFloats == 0 ? planes : padded_rows(planes, kTransposeA);
+    weights_first(w, b.data_ptr<float>(), b.stride(0), hw, out.data_ptr<float>() + img * c_out * hw, hw);
+  });
+}
+
+// A stride-1 conv on NCHW planes runs weights-first per image over the image
+// zero-padded into scratch (planes Hp x Wp, whole lines apart): output pixel
+// (oy, ox) is column oy * Wp + ox of C^T, and tap (i, j) reads the padded
+// planes shifted by i * dh * Wp + j * dw, always whole vectors in bounds.
+// Columns ox >= OW are computed and dropped when C^T is copied out, so narrow
+// maps (more than a quarter of padding columns) take the general path.
+bool stride1_on_padded_planes(const ConvGeom& g, const at::Tensor& x) {
+  const int64_t wp = g.w + 2 * g.pw;
+  return !g.pointwise() && x.is_contiguous() && g.sh == 1 && g.sw == 1 && 4 * (wp - g.ow) <= wp;
+}
+
+// Weights-first streams all live values once per image: it pays while an
+// image's activations outweigh them (large maps, narrow layers).
+bool image_outweighs_values(const ConvGeom& g, const at::Tensor& values) {
+  return g.oh * g.ow * (g.cin + g.cout) >= values.numel();
+}
+
+void conv_forward_on_padded_planes(WeightsFirst w, const ConvGeom& g, const at::Tensor& x, const at::Tensor& y) {
+  const int64_t hp = g.h + 2 * g.ph, wp = g.w + 2 * g.pw, n = g.oh * wp;
+  const int64_t ld = cdiv(hp * wp, kLineFloats) * kLineFloats;
+  const int64_t n_read = cdiv(n, kLineFloats) * kLineFloats;  // whole vectors at the end of a row
+  // the last plane's last tap reads past it: into zeroed slack
+  const int64_t floats = g.cin * ld + (g.kw - 1) * g.dw + (n_read - n) + kLineFloats;
+  w.cols_per_tap = cdiv(g.cin, w.inner_block);
+  for (int64_t tap = 0; tap < g.taps(); ++tap) w.tap_off.push_back((tap / g.kw) * g.dh * wp + (tap % g.kw) * g.dw);
+  for_each_image(g.n, [&](int64_t img) {
+    at::Tensor padded = scratch(kTransposeA, {floats}, x.options()).zero_();
+    padded.narrow(0, 0, g.cin * ld).view({g.cin, ld}).narrow(1, 0, hp * wp).view({g.cin, hp, wp})
+        .narrow(1, g.ph, g.h).narrow(2, g.pw, g.w).copy_(x.select(0, img));
+    at::Tensor ct = scratch(kTransposeB, {g.cout, g.oh, wp}, x.options());
+    weights_first(w, padded.data_ptr<float>(), ld, n, ct.data_ptr<float>(), n, n_read);
+    y.select(0, img).copy_(ct.narrow(2, 0, g.ow));
+  });
 }
 
 // Forward, grad-input: one sparse GEMM whose A rows are `rows`.
@@ -931,9 +984,13 @@ at::Tensor conv2d_forward(const at::Tensor& x, const at::Tensor& values_, const 
   check_indices(row_ptr, col_idx, slot, g.taps() * cbpt, nnzb, "BSR");
   TORCH_CHECK(R == cdiv(out_channels, bo), "freetickets_cpu: row_ptr does not match out_channels");
   const at::Tensor y = conv_output({g.n, g.cout, g.oh, g.ow}, x);
-  if (pointwise_on_planes(g, x)) {
+  if ((pointwise_on_planes(g, x) || stride1_on_padded_planes(g, x)) && image_outweighs_values(g, values_)) {
     const at::Tensor values = values_.contiguous();
-    weights_first_on_planes(weights_first_forward(values, row_ptr, col_idx, slot, g.cout, g.cin), x, y);
+    const WeightsFirst w = weights_first_forward(values, row_ptr, col_idx, slot, g.cout, g.cin);
+    if (g.pointwise())
+      weights_first_on_planes(w, x, y);
+    else
+      conv_forward_on_padded_planes(w, g, x, y);
     if (bias.has_value()) {
       check_float(*bias, "bias");
       y.add_(bias->view({1, -1, 1, 1}));
@@ -972,7 +1029,7 @@ at::Tensor conv2d_grad_input(const at::Tensor& dy, const at::Tensor& values_, co
   TORCH_CHECK(C == g.taps() * cbpt, "freetickets_cpu: col_ptr does not match the input channels");
   check_indices(col_ptr, row_idx, tslot, cdiv(g.cout, bo), nnzb, "transposed");
   const at::Tensor dx = conv_output({g.n, g.cin, g.h, g.w}, dy);
-  if (pointwise_on_planes(g, dy)) {
+  if (pointwise_on_planes(g, dy) && image_outweighs_values(g, values)) {
     weights_first_on_planes(weights_first_grad_input(values, col_ptr, row_idx, tslot, g.cout, g.cin), dy, dx);
     return dx;
   }
