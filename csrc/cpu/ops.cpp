@@ -934,9 +934,47 @@ void weights_first_on_planes(const WeightsFirst& w, const at::Tensor& src, const
 // planes shifted by i * dh * Wp + j * dw, always whole vectors in bounds.
 // Columns ox >= OW are computed and dropped when C^T is copied out, so narrow
 // maps (more than a quarter of padding columns) take the general path.
-bool stride1_on_padded_planes(const ConvGeom& g, const at::Tensor& x) {
-  const int64_t wp = g.w + 2 * g.pw;
-  return !g.pointwise() && x.is_contiguous() && g.sh == 1 && g.sw == 1 && 4 * (wp - g.ow) <= wp;
+// Grad-input is the stride-1 conv of grad_out padded by (k - 1) * d - p with
+// the taps flipped (so it needs p <= (k - 1) * d).
+struct PaddedPlanes {
+  int64_t pad_h, pad_w;
+  bool flip;
+};
+
+PaddedPlanes padded_planes_for(const ConvGeom& g, bool grad_input) {
+  if (!grad_input) return {g.ph, g.pw, false};
+  return {(g.kh - 1) * g.dh - g.ph, (g.kw - 1) * g.dw - g.pw, true};
+}
+
+bool stride1_on_padded_planes(const ConvGeom& g, const at::Tensor& src, bool grad_input) {
+  const PaddedPlanes pp = padded_planes_for(g, grad_input);
+  const int64_t wp = src.size(3) + 2 * pp.pad_w, out_w = grad_input ? g.w : g.ow;
+  return !g.pointwise() && src.is_contiguous() && g.sh == 1 && g.sw == 1 && pp.pad_h >= 0 && pp.pad_w >= 0 &&
+         4 * (wp - out_w) <= wp;
+}
+
+// out[img] = the weights-first product over src[img] padded as `pp` says.
+void weights_first_on_padded_planes(WeightsFirst w, const ConvGeom& g, const PaddedPlanes& pp,
+                                    const at::Tensor& src, const at::Tensor& out) {
+  const int64_t c_src = src.size(1), h = src.size(2), wd = src.size(3), c_out = out.size(1);
+  const int64_t out_h = out.size(2), out_w = out.size(3);
+  const int64_t hp = h + 2 * pp.pad_h, wp = wd + 2 * pp.pad_w, n = out_h * wp;
+  const int64_t ld = cdiv(hp * wp, kLineFloats) * kLineFloats;
+  const int64_t n_read = cdiv(n, kLineFloats) * kLineFloats;  // whole vectors at the end of a row
+  // the last plane's last tap reads past it: into zeroed slack
+  const int64_t floats = c_src * ld + (g.kw - 1) * g.dw + (n_read - n) + kLineFloats;
+  for (int64_t tap = 0; tap < g.taps(); ++tap) {
+    const int64_t i = tap / g.kw, j = tap % g.kw;
+    w.tap_off.push_back((pp.flip ? g.kh - 1 - i : i) * g.dh * wp + (pp.flip ? g.kw - 1 - j : j) * g.dw);
+  }
+  for_each_image(g.n, [&](int64_t img) {
+    at::Tensor padded = scratch(kTransposeA, {floats}, src.options()).zero_();
+    padded.narrow(0, 0, c_src * ld).view({c_src, ld}).narrow(1, 0, hp * wp).view({c_src, hp, wp})
+        .narrow(1, pp.pad_h, h).narrow(2, pp.pad_w, wd).copy_(src.select(0, img));
+    at::Tensor ct = scratch(kTransposeB, {c_out, out_h, wp}, src.options());
+    weights_first(w, padded.data_ptr<float>(), ld, n, ct.data_ptr<float>(), n, n_read);
+    out.select(0, img).copy_(ct.narrow(2, 0, out_w));
+  });
 }
 
 // Weights-first streams all live values once per image: it pays while an
@@ -984,13 +1022,15 @@ at::Tensor conv2d_forward(const at::Tensor& x, const at::Tensor& values_, const 
   check_indices(row_ptr, col_idx, slot, g.taps() * cbpt, nnzb, "BSR");
   TORCH_CHECK(R == cdiv(out_channels, bo), "freetickets_cpu: row_ptr does not match out_channels");
   const at::Tensor y = conv_output({g.n, g.cout, g.oh, g.ow}, x);
-  if ((pointwise_on_planes(g, x) || stride1_on_padded_planes(g, x)) && image_outweighs_values(g, values_)) {
+  if ((pointwise_on_planes(g, x) || stride1_on_padded_planes(g, x, false)) && image_outweighs_values(g, values_)) {
     const at::Tensor values = values_.contiguous();
-    const WeightsFirst w = weights_first_forward(values, row_ptr, col_idx, slot, g.cout, g.cin);
-    if (g.pointwise())
+    WeightsFirst w = weights_first_forward(values, row_ptr, col_idx, slot, g.cout, g.cin);
+    if (g.pointwise()) {
       weights_first_on_planes(w, x, y);
-    else
-      conv_forward_on_padded_planes(w, g, x, y);
+    } else {
+      w.cols_per_tap = cbpt;  // BSR block columns are tap * cbpt + channel block
+      weights_first_on_padded_planes(w, g, padded_planes_for(g, false), x, y);
+    }
     if (bias.has_value()) {
       check_float(*bias, "bias");
       y.add_(bias->view({1, -1, 1, 1}));
@@ -1029,8 +1069,31 @@ at::Tensor conv2d_grad_input(const at::Tensor& dy, const at::Tensor& values_, co
   TORCH_CHECK(C == g.taps() * cbpt, "freetickets_cpu: col_ptr does not match the input channels");
   check_indices(col_ptr, row_idx, tslot, cdiv(g.cout, bo), nnzb, "transposed");
   const at::Tensor dx = conv_output({g.n, g.cin, g.h, g.w}, dy);
-  if (pointwise_on_planes(g, dy) && image_outweighs_values(g, values)) {
-    weights_first_on_planes(weights_first_grad_input(values, col_ptr, row_idx, tslot, g.cout, g.cin), dy, dx);
+  if ((pointwise_on_planes(g, dy) || stride1_on_padded_planes(g, dy, true)) && image_outweighs_values(g, values)) {
+    WeightsFirst w = weights_first_grad_input(values, col_ptr, row_idx, tslot, g.cout, g.cin);
+    if (g.pointwise()) {
+      weights_first_on_planes(w, dy, dx);
+      return dx;
+    }
+    // rows are input channel blocks: gather each one's blocks over all taps,
+    // column tap * R + output block row
+    const int64_t R = cdiv(g.cout, bo);
+    const int32_t *cp = col_ptr.data_ptr<int32_t>(), *ri = row_idx.data_ptr<int32_t>(),
+                  *ts = tslot.data_ptr<int32_t>();
+    std::vector<int32_t> ptr{0}, idx, slots;
+    for (int64_t cb = 0; cb < cbpt; ++cb) {
+      for (int64_t tap = 0; tap < g.taps(); ++tap)
+        for (int32_t e = cp[tap * cbpt + cb]; e < cp[tap * cbpt + cb + 1]; ++e) {
+          idx.push_back(int32_t(tap * R + ri[e]));
+          slots.push_back(ts[e]);
+        }
+      ptr.push_back(int32_t(idx.size()));
+    }
+    w.ptr = ptr.data();
+    w.idx = idx.data();
+    w.slot = slots.data();
+    w.cols_per_tap = R;
+    weights_first_on_padded_planes(w, g, padded_planes_for(g, true), dy, dx);
     return dx;
   }
   const TapRows rows(g, /*transposed=*/true, dy);
