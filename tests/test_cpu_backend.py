@@ -1,5 +1,8 @@
 """The C++ CPU backend against the reference backend, on every instruction set this CPU runs."""
 
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -272,6 +275,20 @@ def test_linear_weights_first_path_for_few_tokens(isa, tokens, with_bias):
     assert tokens * (200 + 300) < layout.nnzb * 16 * 16
     bias = torch.randn(200) if with_bias else None
     _compare(lambda x, v, b: ftk.block_sparse_linear(x, v, layout, b), [torch.randn(tokens, 300), values, bias])
+
+
+@pytest.mark.parametrize("kernel,padding", [(3, 1), (1, 0)])
+def test_conv_keeps_no_reference_to_its_input(kernel, padding):
+    # regression: threads sharing out the images ran their views and copies above
+    # autograd, so copying an input that requires grad into a scratch buffer recorded
+    # history there, which kept every call's input alive (~0.1 GB per ResNet-50 step)
+    conv = ftk.SparseConv2d(16, 16, kernel, padding=padding, density=0.5, block_size=8)
+    x = torch.randn(8, 16, 20, 20, requires_grad=True)  # 8 images: shared out among threads
+    alive = weakref.ref(x)
+    conv(x).sum().backward()
+    del x
+    gc.collect()
+    assert alive() is None
 
 
 def test_scratch_first_allocated_under_inference_mode_is_reusable_outside():

@@ -7,6 +7,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <c10/core/InferenceMode.h>
 #include <torch/library.h>
 
@@ -900,18 +901,19 @@ bool pointwise_on_planes(const ConvGeom& g, const at::Tensor& t) {
   return g.pointwise() && t.is_contiguous() && g.h * g.w >= 16;
 }
 
-// out[img] (C_out planes) = weights-first product of src[img] (C_src planes)
-// for every image, reading the planes in place when whole lines long, else
-// through padded_rows (one image at a time: L2-sized).  With a few images per
-// thread, each thread takes whole images (the work of one image at low
-// density is too small to share); else the threads share each image.
+// one_image(img) for every image.  With a few images per thread, each thread
+// takes whole images (the work of one image at low density is too small to
+// share); else the threads share each image.
 template <class OneImage>
 void for_each_image(int64_t images, OneImage one_image) {
   if (images >= 2 * at::get_num_threads()) {  // run() inside a parallel region runs inline
-    // the workers run torch ops on the op's tensors, made under the caller's inference mode
-    const bool inference = c10::InferenceMode::is_enabled();
+    // The workers run torch ops (views, copies) on the op's tensors: under the
+    // caller's thread-local state, i.e. below autograd (else copies from an
+    // input that requires grad would record history on the scratch buffers,
+    // keeping every call's inputs alive) and in its inference mode.
+    const at::ThreadLocalState caller;
     at::parallel_for(0, images, 1, [&](int64_t begin, int64_t end) {
-      c10::InferenceMode mode(inference);
+      at::ThreadLocalStateGuard state(caller);
       for (int64_t img = begin; img < end; ++img) one_image(img);
     });
   } else {
@@ -919,6 +921,9 @@ void for_each_image(int64_t images, OneImage one_image) {
   }
 }
 
+// out[img] (C_out planes) = weights-first product of src[img] (C_src planes)
+// for every image, reading the planes in place when whole lines long, else
+// through padded_rows (one image at a time: L2-sized).
 void weights_first_on_planes(const WeightsFirst& w, const at::Tensor& src, const at::Tensor& out) {
   const int64_t c_src = src.size(1), hw = src.size(2) * src.size(3), c_out = out.size(1);
   for_each_image(src.size(0), [&](int64_t img) {
@@ -981,24 +986,6 @@ void weights_first_on_padded_planes(WeightsFirst w, const ConvGeom& g, const Pad
 // image's activations outweigh them (large maps, narrow layers).
 bool image_outweighs_values(const ConvGeom& g, const at::Tensor& values) {
   return g.oh * g.ow * (g.cin + g.cout) >= values.numel();
-}
-
-void conv_forward_on_padded_planes(WeightsFirst w, const ConvGeom& g, const at::Tensor& x, const at::Tensor& y) {
-  const int64_t hp = g.h + 2 * g.ph, wp = g.w + 2 * g.pw, n = g.oh * wp;
-  const int64_t ld = cdiv(hp * wp, kLineFloats) * kLineFloats;
-  const int64_t n_read = cdiv(n, kLineFloats) * kLineFloats;  // whole vectors at the end of a row
-  // the last plane's last tap reads past it: into zeroed slack
-  const int64_t floats = g.cin * ld + (g.kw - 1) * g.dw + (n_read - n) + kLineFloats;
-  w.cols_per_tap = cdiv(g.cin, w.inner_block);
-  for (int64_t tap = 0; tap < g.taps(); ++tap) w.tap_off.push_back((tap / g.kw) * g.dh * wp + (tap % g.kw) * g.dw);
-  for_each_image(g.n, [&](int64_t img) {
-    at::Tensor padded = scratch(kTransposeA, {floats}, x.options()).zero_();
-    padded.narrow(0, 0, g.cin * ld).view({g.cin, ld}).narrow(1, 0, hp * wp).view({g.cin, hp, wp})
-        .narrow(1, g.ph, g.h).narrow(2, g.pw, g.w).copy_(x.select(0, img));
-    at::Tensor ct = scratch(kTransposeB, {g.cout, g.oh, wp}, x.options());
-    weights_first(w, padded.data_ptr<float>(), ld, n, ct.data_ptr<float>(), n, n_read);
-    y.select(0, img).copy_(ct.narrow(2, 0, g.ow));
-  });
 }
 
 // Forward, grad-input: one sparse GEMM whose A rows are `rows`.
@@ -1069,6 +1056,8 @@ at::Tensor conv2d_grad_input(const at::Tensor& dy, const at::Tensor& values_, co
   TORCH_CHECK(C == g.taps() * cbpt, "freetickets_cpu: col_ptr does not match the input channels");
   check_indices(col_ptr, row_idx, tslot, cdiv(g.cout, bo), nnzb, "transposed");
   const at::Tensor dx = conv_output({g.n, g.cin, g.h, g.w}, dy);
+  const int32_t *cp = col_ptr.data_ptr<int32_t>(), *ri = row_idx.data_ptr<int32_t>(),
+                *ts = tslot.data_ptr<int32_t>();
   if ((pointwise_on_planes(g, dy) || stride1_on_padded_planes(g, dy, true)) && image_outweighs_values(g, values)) {
     WeightsFirst w = weights_first_grad_input(values, col_ptr, row_idx, tslot, g.cout, g.cin);
     if (g.pointwise()) {
@@ -1078,8 +1067,6 @@ at::Tensor conv2d_grad_input(const at::Tensor& dy, const at::Tensor& values_, co
     // rows are input channel blocks: gather each one's blocks over all taps,
     // column tap * R + output block row
     const int64_t R = cdiv(g.cout, bo);
-    const int32_t *cp = col_ptr.data_ptr<int32_t>(), *ri = row_idx.data_ptr<int32_t>(),
-                  *ts = tslot.data_ptr<int32_t>();
     std::vector<int32_t> ptr{0}, idx, slots;
     for (int64_t cb = 0; cb < cbpt; ++cb) {
       for (int64_t tap = 0; tap < g.taps(); ++tap)
@@ -1099,8 +1086,6 @@ at::Tensor conv2d_grad_input(const at::Tensor& dy, const at::Tensor& values_, co
   const TapRows rows(g, /*transposed=*/true, dy);
   // Output block cb (Bi input channels) sums, over taps, the blocks of column tap*cbpt + cb.
   SparseGemm gemm{g.n * g.h * g.w, cbpt, int(bi), g.cin, pixel_rows(dx), {0}, {}, bi, nullptr, int(g.taps())};
-  const int32_t *cp = col_ptr.data_ptr<int32_t>(), *ri = row_idx.data_ptr<int32_t>(),
-                *ts = tslot.data_ptr<int32_t>();
   for (int64_t cb = 0; cb < cbpt; ++cb) {
     for (int64_t tap = 0; tap < g.taps(); ++tap) {
       const int64_t col = tap * cbpt + cb;
