@@ -95,10 +95,11 @@ void check_indices(const at::Tensor& ptr, const at::Tensor& idx, const at::Tenso
 
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Temporaries that never leave an op call (transposes, partial sums) live in
-// per-thread buffers that only grow: a fresh multi-megabyte allocation
-// page-faults on every call, which cost up to 3x the kernel time here.  Each
-// role has its own slot; results returned to torch never live in scratch.
+// Temporaries that never leave an op call (transposed or padded operands,
+// partial sums) live in per-thread buffers that only grow: a fresh
+// multi-megabyte allocation page-faults on every call, which cost up to 3x
+// the kernel time here.  Each role has its own slot; results returned to
+// torch never live in scratch.
 enum Scratch { kTransposeA, kTransposeB, kPartial, kNumScratch };
 
 at::Tensor scratch(Scratch which, at::IntArrayRef sizes, const at::TensorOptions& options) {
@@ -298,7 +299,7 @@ void run(const SparseGemm& g, FillRows fill_rows) {
       if (staged) stage.resize(size_t((m_end - m_begin) * stage_ld));
       const Term* terms = g.terms.data();
       if (g.transposed_b) {  // B block [width][ldb_t] -> panel [k][width]
-        const int64_t t0 = g.term_ptr[groups.begin[grp]], t1 = g.term_ptr[groups.begin[grp + 1]];
+        const int64_t t0 = g.term_ptr[blk0], t1 = g.term_ptr[blk1];
         panel.resize(size_t((t1 - t0) * g.ldb_t * g.width));
         packed_terms.assign(g.terms.begin() + t0, g.terms.begin() + t1);
         for (int64_t i = 0; i < t1 - t0; ++i) {
@@ -315,9 +316,12 @@ void run(const SparseGemm& g, FillRows fill_rows) {
       for (int64_t m0 = m_begin; m0 < m_end; m0 += tr) {
         const int tn = int(std::min<int64_t>(tr, m_end - m0));
         fill_rows(m0, tn, segs, nsegs, a_rows.data());
-        PixelWalk px(m0, g.out.height, g.out.width);
-        for (int t = 0; t < tn; ++t, px.next())  // column blk0 * width (staged) or 0
-          c_base[t] = staged ? stage.data() + (m0 - m_begin + t) * stage_ld : g.out.row(px);
+        if (staged) {  // column blk0 * width
+          for (int t = 0; t < tn; ++t) c_base[t] = stage.data() + (m0 - m_begin + t) * stage_ld;
+        } else {
+          PixelWalk px(m0, g.out.height, g.out.width);
+          for (int t = 0; t < tn; ++t, px.next()) c_base[t] = g.out.row(px);
+        }
         for (int64_t blk = blk0; blk < blk1; ++blk) {
           const int64_t term_group = g.row_group ? chunk_i : blk;
           for (int t = 0; t < tn; ++t) c_rows[t] = c_base[t] + (blk - (staged ? blk0 : 0)) * g.width;
@@ -458,15 +462,21 @@ void grad_values_blocks(const GradRows& a, const GradCols& b, int64_t ldb,
   const int64_t bo = dv.bo, bi = dv.bi;
   const int tr = std::min(k.tile_rows(int(bi)), kMaxTileRows);
   constexpr int64_t kChunk = 256;
-  std::vector<std::pair<int64_t, size_t>> columns;  // (tap, first entry) of each block column
+  struct Column {
+    int64_t tap;
+    size_t first, last;  // its entries: taps[tap].entries[first, last)
+  };
+  std::vector<Column> columns;
   int64_t most_k = 1;
   for (int64_t tap = 0; tap < int64_t(taps.size()); ++tap) {
     std::vector<Entry>& es = taps[tap].entries;
     std::sort(es.begin(), es.end(), [](const Entry& x, const Entry& y) {
       return x.col0 != y.col0 ? x.col0 < y.col0 : x.r < y.r;
     });
-    for (size_t e = 0; e < es.size(); ++e)
-      if (e == 0 || es[e].col0 != es[e - 1].col0) columns.push_back({tap, e});
+    for (size_t e = 0; e < es.size(); ++e) {
+      if (e == 0 || es[e].col0 != es[e - 1].col0) columns.push_back({tap, e, e});
+      columns.back().last = e + 1;
+    }
     for (const Segment& s : taps[tap].segs) most_k = std::max<int64_t>(most_k, s.k);
   }
   const int64_t units_per_chunk = std::max<int64_t>(1, kChunk / most_k);
@@ -478,15 +488,12 @@ void grad_values_blocks(const GradRows& a, const GradCols& b, int64_t ldb,
   // One block column over units [u0, u1): pack its B rows, run every block.
   // A column of one block with its channels contiguous reads B in place: a
   // packed copy pays only when blocks share it.
-  auto column = [&](Worker& w, int64_t tap, size_t first_entry, int64_t u0, int64_t u1, int64_t split,
-                    bool accumulate) -> bool {
-    const TapWork& tw = taps[tap];
+  auto column = [&](Worker& w, const Column& col, int64_t u0, int64_t u1, int64_t split, bool accumulate) -> bool {
+    const TapWork& tw = taps[col.tap];
     const int64_t s0 = tw.unit_ptr[u0], s1 = tw.unit_ptr[u1];
     if (s0 == s1) return false;
-    const int64_t col0 = tw.entries[first_entry].col0, valid = std::min(bi, b.cols - col0);
-    size_t last_entry = first_entry;
-    while (last_entry < tw.entries.size() && tw.entries[last_entry].col0 == col0) ++last_entry;
-    const bool in_place = b.col_stride == 1 && last_entry - first_entry == 1;
+    const int64_t col0 = tw.entries[col.first].col0, valid = std::min(bi, b.cols - col0);
+    const bool in_place = b.col_stride == 1 && col.last - col.first == 1;
     int64_t kc = 0;
     for (int64_t s = s0; s < s1; ++s) kc += tw.segs[s].k;
     w.panel.resize(in_place ? 0 : size_t(kc * bi));
@@ -520,7 +527,7 @@ void grad_values_blocks(const GradRows& a, const GradCols& b, int64_t ldb,
     }
     const float* a_rows[kMaxTileRows];
     float* c_rows[kMaxTileRows];
-    for (size_t e = first_entry; e < last_entry; ++e) {
+    for (size_t e = col.first; e < col.last; ++e) {
       const Entry& en = tw.entries[e];
       float* block = dv.block(split, en.slot);
       const int64_t rows = std::min(bo, a.rows - en.r * bo);
@@ -537,7 +544,7 @@ void grad_values_blocks(const GradRows& a, const GradCols& b, int64_t ldb,
         args.tn = tn;
         args.width = int(bi);
         args.w_valid = int(valid);
-        args.b_cols = int(in_place ? valid : bi);  // the panel is zero-padded to Bi columns
+        args.b_cols = int(in_place ? valid : bi);  // a panel is zero-padded to Bi columns
         args.accumulate = accumulate;
         args.a_rows = a_rows;
         args.a_stride = a.k_stride;
@@ -560,8 +567,7 @@ void grad_values_blocks(const GradRows& a, const GradCols& b, int64_t ldb,
       for (int64_t split = begin; split < end; ++split) {
         const int64_t u_end = n_units * (split + 1) / dv.splits;
         for (int64_t u0 = n_units * split / dv.splits; u0 < u_end; u0 += units_per_chunk)
-          for (const auto& col : columns)
-            column(w, col.first, col.second, u0, std::min(u_end, u0 + units_per_chunk), split, true);
+          for (const Column& col : columns) column(w, col, u0, std::min(u_end, u0 + units_per_chunk), split, true);
       }
     });
     return;
@@ -569,16 +575,13 @@ void grad_values_blocks(const GradRows& a, const GradCols& b, int64_t ldb,
   at::parallel_for(0, int64_t(columns.size()), 1, [&](int64_t begin, int64_t end) {
     Worker w;
     for (int64_t c = begin; c < end; ++c) {
+      const Column& col = columns[c];
       bool written = false;
       for (int64_t u0 = 0; u0 < n_units; u0 += units_per_chunk)
-        written |= column(w, columns[c].first, columns[c].second, u0, std::min(n_units, u0 + units_per_chunk), 0,
-                          written);
-      if (!written) {  // no reduction step reaches these blocks: their gradient is zero
-        const std::vector<Entry>& es = taps[columns[c].first].entries;
-        const int64_t col0 = es[columns[c].second].col0;
-        for (size_t e = columns[c].second; e < es.size() && es[e].col0 == col0; ++e)
-          std::fill_n(dv.block(0, es[e].slot), bo * bi, 0.f);
-      }
+        written |= column(w, col, u0, std::min(n_units, u0 + units_per_chunk), 0, written);
+      if (!written)  // no reduction step reaches these blocks: their gradient is zero
+        for (size_t e = col.first; e < col.last; ++e)
+          std::fill_n(dv.block(0, taps[col.tap].entries[e].slot), bo * bi, 0.f);
     }
   });
 }
@@ -603,8 +606,8 @@ std::vector<TapWork> taps_with_entries(const at::Tensor& row_ptr, const at::Tens
 // W^T's, from the transposed ones.  Tiles stay inside one block row (`group`
 // rows), whose live blocks are the terms; A row t is the block's values at
 // t * row_step, elements elem_step apart (forward: Bi, 1; grad-input: 1, Bi).
-// Linear's few-token forward streams the values once this way, and a
-// pointwise NCHW conv runs on each image's channel planes in place.
+// Linear's few-token forward streams the values once this way, and stride-1
+// NCHW convs run on each image's channel planes (weights_first_on_planes).
 struct WeightsFirst {
   const float* values;
   const int32_t *ptr, *idx, *slot;
@@ -894,13 +897,6 @@ struct TapRows {
   }
 };
 
-// A pointwise conv on NCHW planes runs weights-first on each image: the
-// pixels of a channel's plane are a row of B^T and of C^T.  A plane of fewer
-// than 16 pixels would leave the vectors mostly empty.
-bool pointwise_on_planes(const ConvGeom& g, const at::Tensor& t) {
-  return g.pointwise() && t.is_contiguous() && g.h * g.w >= 16;
-}
-
 // one_image(img) for every image.  With a few images per thread, each thread
 // takes whole images (the work of one image at low density is too small to
 // share); else the threads share each image.
@@ -921,50 +917,48 @@ void for_each_image(int64_t images, OneImage one_image) {
   }
 }
 
-// out[img] (C_out planes) = weights-first product of src[img] (C_src planes)
-// for every image, reading the planes in place when whole lines long, else
-// through padded_rows (one image at a time: L2-sized).
-void weights_first_on_planes(const WeightsFirst& w, const at::Tensor& src, const at::Tensor& out) {
-  const int64_t c_src = src.size(1), hw = src.size(2) * src.size(3), c_out = out.size(1);
-  for_each_image(src.size(0), [&](int64_t img) {
-    const at::Tensor planes = src.select(0, img).view({c_src, hw});
-    const at::Tensor b = hw % kLineFloats == 0 ? planes : padded_rows(planes, kTransposeA);
-    weights_first(w, b.data_ptr<float>(), b.stride(0), hw, out.data_ptr<float>() + img * c_out * hw, hw);
-  });
-}
-
-// A stride-1 conv on NCHW planes runs weights-first per image over the image
-// zero-padded into scratch (planes Hp x Wp, whole lines apart): output pixel
-// (oy, ox) is column oy * Wp + ox of C^T, and tap (i, j) reads the padded
-// planes shifted by i * dh * Wp + j * dw, always whole vectors in bounds.
-// Columns ox >= OW are computed and dropped when C^T is copied out, so narrow
-// maps (more than a quarter of padding columns) take the general path.
-// Grad-input is the stride-1 conv of grad_out padded by (k - 1) * d - p with
-// the taps flipped (so it needs p <= (k - 1) * d).
-struct PaddedPlanes {
+// Stride-1 convs on NCHW planes run weights-first on each image: output
+// pixel (oy, ox) is column oy * Wp + ox of C^T, Wp being the width of the
+// planes zero-padded by the conv's padding, and tap (i, j) reads the padded
+// planes shifted by i * dh * Wp + j * dw: whole vectors, always in bounds.
+// Padding columns (ox >= OW) are computed and dropped.  The planes are
+// copied into scratch (one image at a time: L2-sized) unless a 1x1 conv can
+// read them in place (whole lines long: else every vector load straddles
+// two lines, 2x slower here), and C^T goes through scratch only when it has
+// padding columns.  Grad-input is the stride-1 conv of grad_out padded by
+// (k - 1) * d - p with the taps flipped (so it needs p <= (k - 1) * d).
+struct Planes {
   int64_t pad_h, pad_w;
   bool flip;
 };
 
-PaddedPlanes padded_planes_for(const ConvGeom& g, bool grad_input) {
+Planes planes_for(const ConvGeom& g, bool grad_input) {
   if (!grad_input) return {g.ph, g.pw, false};
   return {(g.kh - 1) * g.dh - g.ph, (g.kw - 1) * g.dw - g.pw, true};
 }
 
-bool stride1_on_padded_planes(const ConvGeom& g, const at::Tensor& src, bool grad_input) {
-  const PaddedPlanes pp = padded_planes_for(g, grad_input);
+// Whether that applies to `src` and pays: a 1x1 conv's planes must hold a
+// vector (16 pixels), other convs may spend at most a quarter of the columns
+// on padding, and the live values, streamed once per image, must weigh less
+// than an image's activations (large maps, narrow layers).
+bool on_planes(const ConvGeom& g, const at::Tensor& src, const at::Tensor& values, bool grad_input) {
+  const Planes pp = planes_for(g, grad_input);
   const int64_t wp = src.size(3) + 2 * pp.pad_w, out_w = grad_input ? g.w : g.ow;
-  return !g.pointwise() && src.is_contiguous() && g.sh == 1 && g.sw == 1 && pp.pad_h >= 0 && pp.pad_w >= 0 &&
-         4 * (wp - out_w) <= wp;
+  const bool shape_pays = g.pointwise() ? g.h * g.w >= 16 : 4 * (wp - out_w) <= wp;
+  return src.is_contiguous() && g.sh == 1 && g.sw == 1 && pp.pad_h >= 0 && pp.pad_w >= 0 && shape_pays &&
+         g.oh * g.ow * (g.cin + g.cout) >= values.numel();
 }
 
-// out[img] = the weights-first product over src[img] padded as `pp` says.
-void weights_first_on_padded_planes(WeightsFirst w, const ConvGeom& g, const PaddedPlanes& pp,
-                                    const at::Tensor& src, const at::Tensor& out) {
+// out[img] = the weights-first product over src[img]'s planes, padded as
+// planes_for(g, grad_input) says.
+void weights_first_on_planes(WeightsFirst w, const ConvGeom& g, bool grad_input, const at::Tensor& src,
+                             const at::Tensor& out) {
+  const Planes pp = planes_for(g, grad_input);
   const int64_t c_src = src.size(1), h = src.size(2), wd = src.size(3), c_out = out.size(1);
   const int64_t out_h = out.size(2), out_w = out.size(3);
   const int64_t hp = h + 2 * pp.pad_h, wp = wd + 2 * pp.pad_w, n = out_h * wp;
-  const int64_t ld = cdiv(hp * wp, kLineFloats) * kLineFloats;
+  const bool copy_in = g.taps() > 1 || (hp * wp) % kLineFloats != 0, copy_out = wp != out_w;
+  const int64_t ld = copy_in ? cdiv(hp * wp, kLineFloats) * kLineFloats : hp * wp;
   const int64_t n_read = cdiv(n, kLineFloats) * kLineFloats;  // whole vectors at the end of a row
   // the last plane's last tap reads past it: into zeroed slack
   const int64_t floats = c_src * ld + (g.kw - 1) * g.dw + (n_read - n) + kLineFloats;
@@ -973,19 +967,25 @@ void weights_first_on_padded_planes(WeightsFirst w, const ConvGeom& g, const Pad
     w.tap_off.push_back((pp.flip ? g.kh - 1 - i : i) * g.dh * wp + (pp.flip ? g.kw - 1 - j : j) * g.dw);
   }
   for_each_image(g.n, [&](int64_t img) {
-    at::Tensor padded = scratch(kTransposeA, {floats}, src.options()).zero_();
-    padded.narrow(0, 0, c_src * ld).view({c_src, ld}).narrow(1, 0, hp * wp).view({c_src, hp, wp})
-        .narrow(1, pp.pad_h, h).narrow(2, pp.pad_w, wd).copy_(src.select(0, img));
-    at::Tensor ct = scratch(kTransposeB, {c_out, out_h, wp}, src.options());
-    weights_first(w, padded.data_ptr<float>(), ld, n, ct.data_ptr<float>(), n, n_read);
-    out.select(0, img).copy_(ct.narrow(2, 0, out_w));
+    const float* bt = src.data_ptr<float>() + img * c_src * h * wd;
+    if (copy_in) {
+      at::Tensor padded = scratch(kTransposeA, {floats}, src.options());
+      const at::Tensor plane_rows = padded.narrow(0, 0, c_src * ld).view({c_src, ld});
+      if (pp.pad_h || pp.pad_w) {
+        padded.zero_();
+      } else {  // only what the copy leaves: each plane's tail and the slack
+        plane_rows.narrow(1, hp * wp, ld - hp * wp).zero_();
+        padded.narrow(0, c_src * ld, floats - c_src * ld).zero_();
+      }
+      plane_rows.narrow(1, 0, hp * wp).view({c_src, hp, wp}).narrow(1, pp.pad_h, h).narrow(2, pp.pad_w, wd)
+          .copy_(src.select(0, img));
+      bt = padded.data_ptr<float>();
+    }
+    float* y = out.data_ptr<float>() + img * c_out * out_h * out_w;
+    const at::Tensor ct = copy_out ? scratch(kTransposeB, {c_out, out_h, wp}, src.options()) : at::Tensor();
+    weights_first(w, bt, ld, n, copy_out ? ct.data_ptr<float>() : y, n, n_read);
+    if (copy_out) out.select(0, img).copy_(ct.narrow(2, 0, out_w));
   });
-}
-
-// Weights-first streams all live values once per image: it pays while an
-// image's activations outweigh them (large maps, narrow layers).
-bool image_outweighs_values(const ConvGeom& g, const at::Tensor& values) {
-  return g.oh * g.ow * (g.cin + g.cout) >= values.numel();
 }
 
 // Forward, grad-input: one sparse GEMM whose A rows are `rows`.
@@ -1009,15 +1009,11 @@ at::Tensor conv2d_forward(const at::Tensor& x, const at::Tensor& values_, const 
   check_indices(row_ptr, col_idx, slot, g.taps() * cbpt, nnzb, "BSR");
   TORCH_CHECK(R == cdiv(out_channels, bo), "freetickets_cpu: row_ptr does not match out_channels");
   const at::Tensor y = conv_output({g.n, g.cout, g.oh, g.ow}, x);
-  if ((pointwise_on_planes(g, x) || stride1_on_padded_planes(g, x, false)) && image_outweighs_values(g, values_)) {
+  if (on_planes(g, x, values_, false)) {
     const at::Tensor values = values_.contiguous();
     WeightsFirst w = weights_first_forward(values, row_ptr, col_idx, slot, g.cout, g.cin);
-    if (g.pointwise()) {
-      weights_first_on_planes(w, x, y);
-    } else {
-      w.cols_per_tap = cbpt;  // BSR block columns are tap * cbpt + channel block
-      weights_first_on_padded_planes(w, g, padded_planes_for(g, false), x, y);
-    }
+    w.cols_per_tap = cbpt;  // BSR block columns are tap * cbpt + channel block
+    weights_first_on_planes(w, g, false, x, y);
     if (bias.has_value()) {
       check_float(*bias, "bias");
       y.add_(bias->view({1, -1, 1, 1}));
@@ -1058,12 +1054,8 @@ at::Tensor conv2d_grad_input(const at::Tensor& dy, const at::Tensor& values_, co
   const at::Tensor dx = conv_output({g.n, g.cin, g.h, g.w}, dy);
   const int32_t *cp = col_ptr.data_ptr<int32_t>(), *ri = row_idx.data_ptr<int32_t>(),
                 *ts = tslot.data_ptr<int32_t>();
-  if ((pointwise_on_planes(g, dy) || stride1_on_padded_planes(g, dy, true)) && image_outweighs_values(g, values)) {
+  if (on_planes(g, dy, values, true)) {
     WeightsFirst w = weights_first_grad_input(values, col_ptr, row_idx, tslot, g.cout, g.cin);
-    if (g.pointwise()) {
-      weights_first_on_planes(w, dy, dx);
-      return dx;
-    }
     // rows are input channel blocks: gather each one's blocks over all taps,
     // column tap * R + output block row
     const int64_t R = cdiv(g.cout, bo);
@@ -1080,7 +1072,7 @@ at::Tensor conv2d_grad_input(const at::Tensor& dy, const at::Tensor& values_, co
     w.idx = idx.data();
     w.slot = slots.data();
     w.cols_per_tap = R;
-    weights_first_on_padded_planes(w, g, padded_planes_for(g, true), dy, dx);
+    weights_first_on_planes(w, g, true, dy, dx);
     return dx;
   }
   const TapRows rows(g, /*transposed=*/true, dy);
