@@ -69,6 +69,11 @@ if __name__ == "__main__":
     growth = sys.argv[3] if len(sys.argv) > 3 else "gradient"
     distributed.init_from_env("cpu", timeout_s=float(os.environ.get("FT_TIMEOUT", "60")))
     {"dst": dst, "hang": hang}[scenario](out.replace("RANK", str(distributed.rank())), growth)
+    print(f"rank {distributed.rank()}: {scenario} done, result saved", flush=True)  # tells a teardown crash apart
     if dist.is_initialized():
         dist.barrier()  # no rank tears gloo down while another still talks to it
         dist.destroy_process_group()
+    # Skip interpreter finalization: gloo's threads racing the static destructors at exit can abort a
+    # rank whose work is done and saved (seen once in CI as SIGABRT, "terminate called without an
+    # active exception"); the result file, not the teardown, is what the test checks.
+    os._exit(0)
