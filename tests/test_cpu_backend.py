@@ -66,6 +66,26 @@ def test_conv2d(isa, cout, cin, kernel, block, density, batch, hw, stride, paddi
     _compare(lambda x, v, b: ftk.block_sparse_conv2d(x, v, layout, b, *geo), [x, values, bias])
 
 
+@pytest.mark.parametrize("isa", _isas())
+@pytest.mark.parametrize("hw,stride,padding,dilation", [
+    ((3, 5), 1, 1, 1),    # rows narrower than a tile: a tile spans several rows, and images
+    ((2, 25), 1, 3, 2),   # a tap's interval of inside pixels cut at both ends of a long row
+    ((7, 13), 2, 2, 1),   # stride 2: a run's pixels 2 columns apart, cut by the padding
+    ((5, 6), 1, 4, 1),    # padding wider than the kernel reach: whole runs read the zero row
+])
+def test_conv2d_tap_rows_at_the_edges(isa, hw, stride, padding, dilation):
+    # forward and grad-input (NCHW read through its strides: the general path) and
+    # channels_last: each tile's pixels, taps and padding as runs along the image rows
+    from freetickets_kernels.backends import cpu
+
+    cpu.set_isa(isa)
+    layout = random_layout((32, 32, 3, 3), (32, 32), 0.8, seed=21)
+    values = random_values(layout, dtype=torch.float32)
+    for fmt in ("strided", "channels_last"):
+        x = _in_format(torch.randn(3, 32, *hw), fmt)
+        _compare(lambda x, v: ftk.block_sparse_conv2d(x, v, layout, None, stride, padding, dilation), [x, values])
+
+
 @pytest.mark.parametrize("block", [(16, 16), (32, 32), (64, 64), (32, 16), (48, 24)])
 def test_linear_vector_widths_and_long_reduction(block):
     # wide blocks use the multi-vector panels; batch 600 crosses the 256-row reduction chunks
@@ -151,7 +171,7 @@ def test_conv2d_stride1_nchw_on_padded_planes(isa, kernel, padding, dilation, ba
 @pytest.mark.parametrize("isa", _isas())
 def test_conv2d_large_nchw_output_is_streamed_correctly(isa):
     # 6 MB of NCHW output outgrows 2 threads' L2 here, so it is written with
-    # non-temporal stores (where aligned: 64x64 planes are)
+    # non-temporal stores on AVX-512 (where aligned: 64x64 planes are)
     from freetickets_kernels.backends import cpu
 
     cpu.set_isa(isa)

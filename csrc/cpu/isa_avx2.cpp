@@ -5,7 +5,10 @@
 #pragma GCC target("avx2,fma")
 #define FTK_VEC_BYTES 32
 #include <immintrin.h>
-#define FTK_STREAM(p, v) _mm256_stream_ps(p, (__m256)(v))
+// No FTK_STREAM: a 32-byte non-temporal store fills half a cache line, and the
+// transpose writes the other half only after a whole sweep of columns, so
+// each line left the write-combining buffers partial: NCHW outputs were 2x
+// slower with them than with plain stores.
 #define FTK_REGS 16
 #define FTK_ISA_NAME "avx2"
 #define FTK_ISA_FN isa_avx2_impl

@@ -866,25 +866,36 @@ struct TapRows {
     const int64_t mh = mul_h, mw = mul_w, dh = div_h, dw = div_w;
     const float* zero = zeros.data_ptr<float>();
     PixelWalk px(m0, walk_h, walk_w);
-    // Most tiles lie inside one walked row with every tap inside the source
-    // (always so when div == 1 and the row's ends are): pointers then step by
-    // a fixed amount, with no per-row checks.
-    const int64_t x_last = px.x + tn - 1;
-    if (dh == 1 && dw == 1 && x_last < walk_w) {
-      const float* image = src + px.n * image_stride;
-      bool inside_all = true;
-      for (int64_t u = 0; u < ntaps && inside_all; ++u) {
-        const int64_t sy = px.y * mh + hs[taps[u]];
-        inside_all = sy >= 0 && sy < sh && px.x * mw + ws[taps[u]] >= 0 && x_last * mw + ws[taps[u]] < sw;
-      }
-      if (inside_all) {
+    if (dh == 1 && dw == 1) {
+      // The tile's pixels as runs along walked rows (one or two where rows
+      // are wider than a tile): a tap reads a run's pixels from one source
+      // row, mw * xs apart, and only an interval of them lies inside it (the
+      // rest read the zero row).  No per-pixel checks.
+      int t = 0;
+      while (t < tn) {
+        const int run = int(std::min<int64_t>(tn - t, walk_w - px.x));
+        const float* image = src + px.n * image_stride;
         for (int64_t u = 0; u < ntaps; ++u) {
-          const float* p = image + (px.y * mh + hs[taps[u]]) * ys + (px.x * mw + ws[taps[u]]) * xs;
-          const float** out = a_rows + taps[u] * kMaxTileRows;
-          for (int t = 0; t < kMaxTileRows; ++t) out[t] = t < tn ? p + t * mw * xs : zero;
+          const float** out = a_rows + taps[u] * kMaxTileRows + t;
+          const int64_t sy = px.y * mh + hs[taps[u]];
+          // inside for i in [lo, hi): 0 <= (px.x + i) * mw + ws < sw
+          const int64_t first = px.x * mw + ws[taps[u]];
+          int lo = 0, hi = 0;
+          if (sy >= 0 && sy < sh) {
+            lo = first >= 0 ? 0 : int(std::min<int64_t>(run, cdiv(-first, mw)));
+            hi = first >= sw ? 0 : int(std::min<int64_t>(run, cdiv(sw - first, mw)));
+          }
+          const int64_t off = sy * ys + first * xs, step = mw * xs;
+          for (int i = 0; i < run; ++i) out[i] = i >= lo && i < hi ? image + (off + i * step) : zero;
         }
-        return;
+        t += run;
+        px.y += (px.x + run) / walk_w;  // a run ends at a row's end or at the tile's
+        px.x = (px.x + run) % walk_w;
+        if (px.y == walk_h) px.y = 0, ++px.n;
       }
+      for (int64_t u = 0; u < ntaps; ++u)
+        for (int i = t; i < kMaxTileRows; ++i) a_rows[taps[u] * kMaxTileRows + i] = zero;
+      return;
     }
     for (int t = 0; t < kMaxTileRows; ++t, px.next()) {
       const float* image = src + px.n * image_stride;
@@ -940,11 +951,19 @@ Planes planes_for(const ConvGeom& g, bool grad_input) {
 // Whether that applies to `src` and pays: a 1x1 conv's planes must hold a
 // vector (16 pixels), other convs may spend at most a quarter of the columns
 // on padding, and the live values, streamed once per image, must weigh less
-// than an image's activations (large maps, narrow layers).
+// than an image's activations (large maps, narrow layers).  Convs with taps
+// also copy the planes in and out, which only pays where the pixel-rows
+// tile of the general path is narrow: it keeps 24 accumulators (12 pixels x
+// 2 vectors with 32 registers: blocks of 32 on AVX-512) as the planes' tile
+// does, and was then 10-30% faster than the planes here; with one vector per
+// pixel (blocks of 16 on AVX-512, or AVX2's 16 registers) it is not.
 bool on_planes(const ConvGeom& g, const at::Tensor& src, const at::Tensor& values, bool grad_input) {
+  constexpr int kFullTile = 24;
   const Planes pp = planes_for(g, grad_input);
   const int64_t wp = src.size(3) + 2 * pp.pad_w, out_w = grad_input ? g.w : g.ow;
-  const bool shape_pays = g.pointwise() ? g.h * g.w >= 16 : 4 * (wp - out_w) <= wp;
+  const int general_width = int(values.size(grad_input ? 2 : 1));  // the general tile's columns: a block
+  const bool shape_pays = g.pointwise() ? g.h * g.w >= 16
+                                        : 4 * (wp - out_w) <= wp && isa().tile_accumulators(general_width) < kFullTile;
   return src.is_contiguous() && g.sh == 1 && g.sw == 1 && pp.pad_h >= 0 && pp.pad_w >= 0 && shape_pays &&
          g.oh * g.ow * (g.cin + g.cout) >= values.numel();
 }
