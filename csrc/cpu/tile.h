@@ -41,9 +41,10 @@ struct TileArgs {
 };
 
 // One instruction set's kernel: its name, its preferred rows per tile (and
-// the accumulator registers they take), the tile, and a transpose dst[c * ldd + r] = src[r * lds + c] (r < rows,
-// c < cols) for writing row-major results into NCHW planes (`streaming`:
-// non-temporal stores where aligned, for results larger than the cache).
+// the accumulator registers they take), the tile, and a transpose
+// dst[c * ldd + r] = src[r * lds + c] (r < rows, c < cols) for writing
+// row-major results into NCHW planes (`streaming`: non-temporal stores where
+// aligned, for results larger than the cache).
 struct IsaKernel {
   const char* name;
   int (*tile_rows)(int width);
