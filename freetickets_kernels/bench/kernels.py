@@ -4,7 +4,7 @@ Each row: median time of our op and of the dense torch op (F.linear / F.conv2d
 on the densified weight, same threads) measured in the same run, the speedup,
 the ideal 1/density, and for linear rows the speedup of torch.sparse BSR.
 "fwd" times the forward; "fwd+bwd" a training step of the op (forward, then
-backward to the input and the weights).
+backward to the input and the weights from a fixed random upstream gradient).
 
     freetickets bench kernels                        # the full suite (2-5 min on 2 cores)
     freetickets bench kernels --quick                # a few rows, to check it runs
@@ -45,12 +45,22 @@ QUICK_CONV = [("resnet 64->64 3x3 @16", 8, 64, 64, 3, 16, 1, 1)]
 
 
 def _train_step(fn, *leaves):
-    """Forward + backward to every leaf, as one training step of the op does."""
+    """Forward + backward to every leaf, as one training step of the op does.
+
+    The backward starts from a fixed random gradient of the output's shape and
+    memory format, as a layer inside a network receives one: not from
+    ``y.sum()``, whose expanded gradient each op would first materialize (a
+    cost of the harness, not of the op).
+    """
+    upstream = []
 
     def step():
         for t in leaves:
             t.grad = None
-        fn().sum().backward()
+        y = fn()
+        if not upstream:  # the first (untimed warm-up) call
+            upstream.append(torch.randn_like(y))
+        y.backward(upstream[0])
 
     return step
 
@@ -162,7 +172,8 @@ def run(args: argparse.Namespace) -> int:
     from freetickets_kernels.backends import cpu
 
     notes = (f"float32, {args.threads} threads, median of {args.repeats}; dense = F.linear/F.conv2d on the "
-             f"densified weight; bsr_speedup = torch.sparse BSR F.linear vs dense. cpu backend: {cpu.build_info()}")
+             f"densified weight; fwd+bwd = forward + backward from a fixed random upstream gradient; "
+             f"bsr_speedup = torch.sparse BSR F.linear vs dense. cpu backend: {cpu.build_info()}")
     name = args.name or ("cpu_kernels_quick" if args.quick else "cpu_kernels")
     paths = write_results(name, rows, columns, args.out, notes)
     print(markdown_table(rows, columns))
