@@ -4,7 +4,6 @@
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 #define FTK_VEC_BYTES 32
-#include <immintrin.h>
 // No FTK_STREAM: a 32-byte non-temporal store fills half a cache line, and the
 // transpose writes the other half only after a whole sweep of columns, so
 // each line left the write-combining buffers partial: NCHW outputs were 2x

@@ -830,6 +830,7 @@ ConvGeom conv_geom(at::IntArrayRef input_size, int64_t cout, at::IntArrayRef ker
 struct TapRows {
   const float* src;
   at::Tensor zeros;  // a padding row: zero wherever a term reads it
+  const float* zero_row;  // its data, read by every tile's fill
   int64_t src_h, src_w, image_stride, y_stride, x_stride, channel_stride;
   int64_t walk_h, walk_w, mul_h, mul_w, div_h, div_w;
   std::vector<int64_t> h, w;
@@ -842,6 +843,7 @@ struct TapRows {
     x_stride = src_.stride(3);
     channel_stride = src_.stride(1);
     zeros = at::zeros({(src_.size(1) - 1) * channel_stride + 1}, src_.options());
+    zero_row = zeros.data_ptr<float>();
     walk_h = transposed ? g.h : g.oh;
     walk_w = transposed ? g.w : g.ow;
     mul_h = transposed ? 1 : g.sh;
@@ -864,7 +866,7 @@ struct TapRows {
     // locals: the pointer stores below would otherwise reload every member
     const int64_t *hs = h.data(), *ws = w.data(), sh = src_h, sw = src_w, ys = y_stride, xs = x_stride;
     const int64_t mh = mul_h, mw = mul_w, dh = div_h, dw = div_w;
-    const float* zero = zeros.data_ptr<float>();
+    const float* zero = zero_row;
     PixelWalk px(m0, walk_h, walk_w);
     if (dh == 1 && dw == 1) {
       // The tile's pixels as runs along walked rows (one or two where rows
