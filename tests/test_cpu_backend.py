@@ -155,17 +155,55 @@ def test_conv2d_reads_and_writes_in_any_memory_format(isa, fmt, kernel, stride, 
                                                      ((1, 3), (0, 1), (1, 1)), ((3, 3), (0, 0), (1, 1))])
 @pytest.mark.parametrize("batch", [1, 5])
 def test_conv2d_stride1_nchw_on_padded_planes(isa, kernel, padding, dilation, batch):
-    # stride-1 NCHW convs whose maps outweigh the live values run weights-first on each
-    # image zero-padded into scratch (batch 5: images shared among threads); ragged
-    # channel blocks, and a row length (17-19) that is no whole number of vectors
+    # stride-1 NCHW convs with fewer input channels than a block, whose maps outweigh the
+    # live values, run weights-first on each image zero-padded into scratch (batch 5:
+    # images shared among threads); a ragged output block, and a row length (17-19) that
+    # is no whole number of vectors
     from freetickets_kernels.backends import cpu
 
     cpu.set_isa(isa)
-    layout = random_layout((20, 12, *kernel), (8, 8), 0.5, seed=8)
+    layout = random_layout((20, 6, *kernel), (8, 8), 0.5, seed=8)
     values = random_values(layout, dtype=torch.float32)
-    x = torch.randn(batch, 12, 12, 15)
+    x = torch.randn(batch, 6, 12, 15)
     _compare(lambda x, v, b: ftk.block_sparse_conv2d(x, v, layout, b, 1, padding, dilation),
              [x, values, torch.randn(20)])
+
+
+@pytest.mark.parametrize("isa", _isas())
+@pytest.mark.parametrize("stride,padding,dilation", [(1, 1, 1), (2, 1, 1), (1, 2, 2), (1, 0, 1)])
+@pytest.mark.parametrize("planes", ["contiguous", "every_other"])
+def test_conv2d_nchw_images_packed_channels_last(isa, stride, padding, dilation, planes):
+    # With whole images per thread (5 images, 2 threads) stride-1 forwards and every
+    # grad-input read each NCHW image through a channels-last copy in scratch; the
+    # strided forward reads in place.  Ragged channel blocks (20 = 16 + 4, 36 = 32 + 4);
+    # "every_other": a channel slice, planes twice their size apart
+    from freetickets_kernels.backends import cpu, reference
+
+    cpu.set_isa(isa)
+    layout = random_layout((36, 20, 3, 3), (32, 16), 0.6, seed=22)
+    values = random_values(layout, dtype=torch.float32)
+    idx = layout.indices
+    geo = ([3, 3], [stride] * 2, [padding] * 2, [dilation] * 2)
+
+    def nchw(n, c, h, w):
+        t = torch.randn(n, 2 * c if planes == "every_other" else c, h, w)
+        return t[:, ::2] if planes == "every_other" else t
+
+    x, bias = nchw(5, 20, 11, 13), torch.randn(36)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        y = cpu.conv2d_forward(x, values, idx.row_ptr, idx.col_idx, idx.slot, bias, 36, *geo)
+        dy = nchw(*y.shape)
+        dx = cpu.conv2d_grad_input(dy, values, idx.col_ptr, idx.row_idx, idx.tslot, list(x.shape), *geo)
+    finally:
+        torch.set_num_threads(before)
+    want = reference.conv2d_forward(x.double(), values.double(), idx.row_ptr, idx.col_idx, idx.slot,
+                                    bias.double(), 36, *geo)
+    torch.testing.assert_close(y, want.float(), **FP32)
+    want = reference.conv2d_grad_input(dy.double(), values.double(), idx.col_ptr, idx.row_idx, idx.tslot,
+                                       list(x.shape), *geo)
+    torch.testing.assert_close(dx, want.float(), **FP32)
 
 
 @pytest.mark.parametrize("isa", _isas())

@@ -267,12 +267,14 @@ bool too_big_for_cache(int64_t floats) {
   return floats * int64_t(sizeof(float)) > l2 * at::get_num_threads();
 }
 
+// The GEMM's rows [0, rows) written through `out` (a piece of the result
+// when the caller splits it, e.g. by image; whole: run()).
 template <class FillRows>
-void run(const SparseGemm& g, FillRows fill_rows) {
+void run_on(const SparseGemm& g, int64_t rows, const OutRows& out, FillRows fill_rows) {
   const IsaKernel& k = isa();
   const int tr = std::min(k.tile_rows(g.width), kMaxTileRows);
-  const int64_t chunk = g.row_group ? g.row_group : g.transposed_b ? g.rows : int64_t(tr) * 4;
-  const int64_t n_chunks = cdiv(g.rows, chunk);
+  const int64_t chunk = g.row_group ? g.row_group : g.transposed_b ? rows : int64_t(tr) * 4;
+  const int64_t n_chunks = cdiv(rows, chunk);
   BlockGroups groups;
   if (g.row_group) {  // each chunk has its own terms and one segment; every B panel is a group
     for (int64_t blk = 0; blk <= g.n_blocks; ++blk) groups.begin.push_back(blk);
@@ -280,7 +282,7 @@ void run(const SparseGemm& g, FillRows fill_rows) {
     groups = group_blocks(g, n_chunks);
   }
   const int32_t only_segment = 0;
-  const bool staged = g.out.col_stride != 1;
+  const bool staged = out.col_stride != 1;
   const bool streaming = staged && too_big_for_cache(g.rows * g.out_cols);
   const int64_t n_groups = int64_t(groups.begin.size()) - 1;
   at::parallel_for(0, n_chunks * n_groups, 1, [&](int64_t begin, int64_t end) {
@@ -290,7 +292,7 @@ void run(const SparseGemm& g, FillRows fill_rows) {
     std::vector<float> panel, stage;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t grp = item % n_groups, chunk_i = item / n_groups;
-      const int64_t m_begin = chunk_i * chunk, m_end = std::min(g.rows, (chunk_i + 1) * chunk);
+      const int64_t m_begin = chunk_i * chunk, m_end = std::min(rows, (chunk_i + 1) * chunk);
       const int64_t blk0 = groups.begin[grp], blk1 = groups.begin[grp + 1];
       // With strided output columns (NCHW) the item computes into a row-major
       // stage, then writes it out along the pixels: whole cache lines instead
@@ -319,8 +321,8 @@ void run(const SparseGemm& g, FillRows fill_rows) {
         if (staged) {  // column blk0 * width
           for (int t = 0; t < tn; ++t) c_base[t] = stage.data() + (m0 - m_begin + t) * stage_ld;
         } else {
-          PixelWalk px(m0, g.out.height, g.out.width);
-          for (int t = 0; t < tn; ++t, px.next()) c_base[t] = g.out.row(px);
+          PixelWalk px(m0, out.height, out.width);
+          for (int t = 0; t < tn; ++t, px.next()) c_base[t] = out.row(px);
         }
         for (int64_t blk = blk0; blk < blk1; ++blk) {
           const int64_t term_group = g.row_group ? chunk_i : blk;
@@ -345,10 +347,15 @@ void run(const SparseGemm& g, FillRows fill_rows) {
         }
       }
       if (staged)
-        g.out.scatter(k, stage.data(), stage_ld, m_begin, m_end, blk0 * g.width, std::min(g.out_cols, blk1 * g.width),
+        out.scatter(k, stage.data(), stage_ld, m_begin, m_end, blk0 * g.width, std::min(g.out_cols, blk1 * g.width),
                       streaming);
     }
   });
+}
+
+template <class FillRows>
+void run(const SparseGemm& g, FillRows fill_rows) {
+  run_on(g, g.rows, g.out, fill_rows);
 }
 
 // Bias padded to whole blocks so the kernel can load full vectors.
@@ -835,14 +842,18 @@ struct TapRows {
   int64_t walk_h, walk_w, mul_h, mul_w, div_h, div_w;
   std::vector<int64_t> h, w;
 
-  TapRows(const ConvGeom& g, bool transposed, const at::Tensor& src_) : src(src_.data_ptr<float>()) {
-    src_h = src_.size(2);
-    src_w = src_.size(3);
-    image_stride = src_.stride(0);
-    y_stride = src_.stride(2);
-    x_stride = src_.stride(3);
-    channel_stride = src_.stride(1);
-    zeros = at::zeros({(src_.size(1) - 1) * channel_stride + 1}, src_.options());
+  // src_sizes / src_strides: [N, C, H, W] (only C, H, W are read when one
+  // image is walked at a time; `src` may then be set per image).
+  TapRows(const ConvGeom& g, bool transposed, const float* src_, at::IntArrayRef src_sizes,
+          at::IntArrayRef src_strides, const at::TensorOptions& options)
+      : src(src_) {
+    src_h = src_sizes[2];
+    src_w = src_sizes[3];
+    image_stride = src_strides[0];
+    y_stride = src_strides[2];
+    x_stride = src_strides[3];
+    channel_stride = src_strides[1];
+    zeros = at::zeros({(src_sizes[1] - 1) * channel_stride + 1}, options);
     zero_row = zeros.data_ptr<float>();
     walk_h = transposed ? g.h : g.oh;
     walk_w = transposed ? g.w : g.ow;
@@ -913,9 +924,11 @@ struct TapRows {
 // one_image(img) for every image.  With a few images per thread, each thread
 // takes whole images (the work of one image at low density is too small to
 // share); else the threads share each image.
+bool whole_images_per_thread(int64_t images) { return images >= 2 * at::get_num_threads(); }
+
 template <class OneImage>
 void for_each_image(int64_t images, OneImage one_image) {
-  if (images >= 2 * at::get_num_threads()) {  // run() inside a parallel region runs inline
+  if (whole_images_per_thread(images)) {  // run() inside a parallel region runs inline
     // The workers run torch ops (views, copies) on the op's tensors: under the
     // caller's thread-local state, i.e. below autograd (else copies from an
     // input that requires grad would record history on the scratch buffers,
@@ -954,18 +967,16 @@ Planes planes_for(const ConvGeom& g, bool grad_input) {
 // vector (16 pixels), other convs may spend at most a quarter of the columns
 // on padding, and the live values, streamed once per image, must weigh less
 // than an image's activations (large maps, narrow layers).  Convs with taps
-// also copy the planes in and out, which only pays where the pixel-rows
-// tile of the general path is narrow: it keeps 24 accumulators (12 pixels x
-// 2 vectors with 32 registers: blocks of 32 on AVX-512) as the planes' tile
-// does, and was then 10-30% faster than the planes here; with one vector per
-// pixel (blocks of 16 on AVX-512, or AVX2's 16 registers) it is not.
+// also copy the planes in and out, which only pays where the general path's
+// blocks are mostly padding: fewer input channels than a block (a network's
+// first conv: 3 channels, 16-channel blocks: 0.65 ms on planes, 0.94 ms on
+// the general path).  Wider layers were 0-30% faster on the general path,
+// whose NCHW images are packed channels-last (packs_images), except 64-channel
+// layers on large maps with blocks of 16, 6-11% slower in the forward.
 bool on_planes(const ConvGeom& g, const at::Tensor& src, const at::Tensor& values, bool grad_input) {
-  constexpr int kFullTile = 24;
   const Planes pp = planes_for(g, grad_input);
   const int64_t wp = src.size(3) + 2 * pp.pad_w, out_w = grad_input ? g.w : g.ow;
-  const int general_width = int(values.size(grad_input ? 2 : 1));  // the general tile's columns: a block
-  const bool shape_pays = g.pointwise() ? g.h * g.w >= 16
-                                        : 4 * (wp - out_w) <= wp && isa().tile_accumulators(general_width) < kFullTile;
+  const bool shape_pays = g.pointwise() ? g.h * g.w >= 16 : 4 * (wp - out_w) <= wp && g.cin < values.size(2);
   return src.is_contiguous() && g.sh == 1 && g.sw == 1 && pp.pad_h >= 0 && pp.pad_w >= 0 && shape_pays &&
          g.oh * g.ow * (g.cin + g.cout) >= values.numel();
 }
@@ -1009,11 +1020,57 @@ void weights_first_on_planes(WeightsFirst w, const ConvGeom& g, bool grad_input,
   });
 }
 
-// Forward, grad-input: one sparse GEMM whose A rows are `rows`.
-void run_conv(SparseGemm& gemm, const TapRows& rows) {
-  gemm.a_stride = rows.channel_stride;
-  run(gemm, [&](int64_t m0, int tn, const int32_t* taps, int64_t ntaps, const float** a_rows) {
-    rows.fill(m0, tn, taps, ntaps, a_rows);
+// Whether a conv source is read through a channels-last copy of each image:
+// NCHW planes put a pixel's channels H * W floats apart, so each reduction
+// step of a tile reads another line (4 KB planes: all in one L1 set).  An
+// image packed in L2 by register transposes costs less than that where the
+// GEMM walks about as many pixels as the source has (stride 1; grad-input)
+// and each thread takes whole images; a strided forward reads a quarter of
+// them per tap, and a few images would pack their whole batch out of cache.
+// 3x3 NCHW, blocks of 32, 32 images: 160->160 @32 6.3 -> 5.5 ms, 320->320
+// @16 5.8 -> 5.2 ms; 64->64 @32 unchanged (the input's read from memory,
+// which the strided reads overlapped with the FMAs, moves into the packing).
+bool packs_images(const ConvGeom& g, bool transposed, const at::Tensor& src) {
+  const int64_t walked = transposed ? g.h * g.w : g.oh * g.ow;
+  const bool planes = src.stride(3) == 1 && src.stride(2) == src.size(3) && src.stride(1) != 1;
+  return planes && src.size(1) > 1 && whole_images_per_thread(g.n) && 2 * walked >= src.size(2) * src.size(3);
+}
+
+// Element stride between a pixel's channels as the conv kernel reads them.
+int64_t read_channel_stride(const ConvGeom& g, bool transposed, const at::Tensor& src) {
+  return packs_images(g, transposed, src) ? 1 : src.stride(1);
+}
+
+// Forward, grad-input: one sparse GEMM whose A rows are the conv taps' reads
+// of `src` (walked as TapRows says); terms were built with
+// read_channel_stride(src).  Packed sources run image by image, each thread
+// on its own: the image's planes transposed into pixel rows of C floats in
+// scratch, then the GEMM's rows of that image.
+void run_conv(SparseGemm& gemm, const ConvGeom& g, bool transposed, const at::Tensor& src) {
+  const auto fill = [](const TapRows& rows) {
+    return [&rows](int64_t m0, int tn, const int32_t* taps, int64_t ntaps, const float** a_rows) {
+      rows.fill(m0, tn, taps, ntaps, a_rows);
+    };
+  };
+  if (!packs_images(g, transposed, src)) {
+    const TapRows rows(g, transposed, src.data_ptr<float>(), src.sizes(), src.strides(), src.options());
+    gemm.a_stride = rows.channel_stride;
+    run(gemm, fill(rows));
+    return;
+  }
+  const int64_t c = src.size(1), h = src.size(2), w = src.size(3);
+  const TapRows packed(g, transposed, nullptr, src.sizes(), {h * w * c, 1, w * c, c}, src.options());
+  gemm.a_stride = 1;
+  const int64_t image_rows = gemm.rows / g.n, image_floats = h * w * c;
+  for_each_image(g.n, [&](int64_t img) {
+    const at::Tensor image = scratch(kTransposeA, {image_floats}, src.options());
+    isa().transpose(src.data_ptr<float>() + img * src.stride(0), src.stride(1), int(c), int(h * w),
+                    image.data_ptr<float>(), c, false);
+    TapRows rows = packed;
+    rows.src = image.data_ptr<float>();
+    OutRows out = gemm.out;
+    out.base += img * out.image_stride;
+    run_on(gemm, image_rows, out, fill(rows));
   });
 }
 
@@ -1043,7 +1100,7 @@ at::Tensor conv2d_forward(const at::Tensor& x, const at::Tensor& values_, const 
   }
   const at::Tensor vt = values_.transpose(1, 2).contiguous();  // small next to the activations
   const at::Tensor bp = padded_bias(bias, R * bo, x);
-  const TapRows rows(g, /*transposed=*/false, x);
+  const int64_t channel_stride = read_channel_stride(g, false, x);
   SparseGemm gemm{g.n * g.oh * g.ow, R, int(bo), g.cout, pixel_rows(y), {}, {}, bo,
                   bp.defined() ? bp.data_ptr<float>() : nullptr, int(g.taps())};
   const int32_t *rp = row_ptr.data_ptr<int32_t>(), *ci = col_idx.data_ptr<int32_t>(),
@@ -1051,10 +1108,10 @@ at::Tensor conv2d_forward(const at::Tensor& x, const at::Tensor& values_, const 
   gemm.term_ptr.assign(rp, rp + R + 1);
   for (int64_t e = 0; e < nnzb; ++e) {
     const int64_t tap = ci[e] / cbpt, cb = ci[e] % cbpt;
-    gemm.terms.push_back({int32_t(tap), int32_t(std::min(bi, g.cin - cb * bi)), cb * bi * rows.channel_stride,
+    gemm.terms.push_back({int32_t(tap), int32_t(std::min(bi, g.cin - cb * bi)), cb * bi * channel_stride,
                           vt.data_ptr<float>() + sl[e] * bi * bo});
   }
-  run_conv(gemm, rows);
+  run_conv(gemm, g, /*transposed=*/false, x);
   return y;
 }
 
@@ -1096,7 +1153,7 @@ at::Tensor conv2d_grad_input(const at::Tensor& dy, const at::Tensor& values_, co
     weights_first_on_planes(w, g, true, dy, dx);
     return dx;
   }
-  const TapRows rows(g, /*transposed=*/true, dy);
+  const int64_t channel_stride = read_channel_stride(g, true, dy);
   // Output block cb (Bi input channels) sums, over taps, the blocks of column tap*cbpt + cb.
   SparseGemm gemm{g.n * g.h * g.w, cbpt, int(bi), g.cin, pixel_rows(dx), {0}, {}, bi, nullptr, int(g.taps())};
   for (int64_t cb = 0; cb < cbpt; ++cb) {
@@ -1104,11 +1161,11 @@ at::Tensor conv2d_grad_input(const at::Tensor& dy, const at::Tensor& values_, co
       const int64_t col = tap * cbpt + cb;
       for (int32_t e = cp[col]; e < cp[col + 1]; ++e)
         gemm.terms.push_back({int32_t(tap), int32_t(std::min(bo, g.cout - ri[e] * bo)),
-                              ri[e] * bo * rows.channel_stride, values.data_ptr<float>() + ts[e] * bo * bi});
+                              ri[e] * bo * channel_stride, values.data_ptr<float>() + ts[e] * bo * bi});
     }
     gemm.term_ptr.push_back(int64_t(gemm.terms.size()));
   }
-  run_conv(gemm, rows);
+  run_conv(gemm, g, /*transposed=*/true, dy);
   return dx;
 }
 

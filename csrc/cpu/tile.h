@@ -40,15 +40,14 @@ struct TileArgs {
   float* const* c_rows;        // [tn] output row pointers
 };
 
-// One instruction set's kernel: its name, its preferred rows per tile (and
-// the accumulator registers they take), the tile, and a transpose
-// dst[c * ldd + r] = src[r * lds + c] (r < rows, c < cols) for writing
-// row-major results into NCHW planes (`streaming`: non-temporal stores where
+// One instruction set's kernel: its name, its preferred rows per tile, the
+// tile, and a transpose dst[c * ldd + r] = src[r * lds + c] (r < rows,
+// c < cols) for writing row-major results into NCHW planes and packing NCHW
+// images channels-last (`streaming`: non-temporal stores where
 // aligned, for results larger than the cache).
 struct IsaKernel {
   const char* name;
   int (*tile_rows)(int width);
-  int (*tile_accumulators)(int width);  // vector registers a tile of that width accumulates in
   void (*tile)(const TileArgs& args);
   void (*transpose)(const float* src, int64_t lds, int rows, int cols, float* dst, int64_t ldd, bool streaming);
 };
