@@ -966,7 +966,12 @@ Planes planes_for(const ConvGeom& g, bool grad_input) {
 // Whether that applies to `src` and pays: a 1x1 conv's planes must hold a
 // vector (16 pixels), other convs may spend at most a quarter of the columns
 // on padding, and the live values, streamed once per image, must weigh less
-// than an image's activations (large maps, narrow layers).  Convs with taps
+// than an image's activations (large maps, narrow layers).  Each path makes
+// one extra pass over an activation where 1x1 planes are not whole lines
+// long (14x14, 7x7): the planes copy their source, the general path
+// transposes its result; the smaller wins (ResNet-50's 1024->256 @14
+// forward, 2048->512 @7 forward and the grad-inputs of the expanding convs
+// ran 11-35% faster on the general path).  Convs with taps
 // also copy the planes in and out, which only pays where the general path's
 // blocks are mostly padding: fewer input channels than a block (a network's
 // first conv: 3 channels, 16-channel blocks: 0.65 ms on planes, 0.94 ms on
@@ -976,7 +981,9 @@ Planes planes_for(const ConvGeom& g, bool grad_input) {
 bool on_planes(const ConvGeom& g, const at::Tensor& src, const at::Tensor& values, bool grad_input) {
   const Planes pp = planes_for(g, grad_input);
   const int64_t wp = src.size(3) + 2 * pp.pad_w, out_w = grad_input ? g.w : g.ow;
-  const bool shape_pays = g.pointwise() ? g.h * g.w >= 16 : 4 * (wp - out_w) <= wp && g.cin < values.size(2);
+  const int64_t src_channels = grad_input ? g.cout : g.cin, out_channels = grad_input ? g.cin : g.cout;
+  const bool pointwise_pays = g.h * g.w >= 16 && ((g.h * g.w) % kLineFloats == 0 || src_channels <= out_channels);
+  const bool shape_pays = g.pointwise() ? pointwise_pays : 4 * (wp - out_w) <= wp && g.cin < values.size(2);
   return src.is_contiguous() && g.sh == 1 && g.sw == 1 && pp.pad_h >= 0 && pp.pad_w >= 0 && shape_pays &&
          g.oh * g.ow * (g.cin + g.cout) >= values.numel();
 }
@@ -1022,18 +1029,20 @@ void weights_first_on_planes(WeightsFirst w, const ConvGeom& g, bool grad_input,
 
 // Whether a conv source is read through a channels-last copy of each image:
 // NCHW planes put a pixel's channels H * W floats apart, so each reduction
-// step of a tile reads another line (4 KB planes: all in one L1 set).  An
-// image packed in L2 by register transposes costs less than that where the
-// GEMM walks about as many pixels as the source has (stride 1; grad-input)
-// and each thread takes whole images; a strided forward reads a quarter of
-// them per tap, and a few images would pack their whole batch out of cache.
-// 3x3 NCHW, blocks of 32, 32 images: 160->160 @32 6.3 -> 5.5 ms, 320->320
-// @16 5.8 -> 5.2 ms; 64->64 @32 unchanged (the input's read from memory,
-// which the strided reads overlapped with the FMAs, moves into the packing).
+// step of a tile reads another line, and the taps read those lines again
+// (4 KB planes: all in one L1 set, so from L2).  An image packed in L2 by
+// register transposes costs less where the GEMM walks about as many pixels
+// as the source has (stride 1; grad-input) and each thread takes whole
+// images; a strided forward reads a quarter of them per tap, a few images
+// would pack their whole batch out of cache, and a 1x1 conv reads each line
+// once.  3x3 NCHW, blocks of 32, 32 images: 160->160 @32 6.3 -> 5.5 ms,
+// 320->320 @16 5.8 -> 5.2 ms; 64->64 @32 unchanged (the input's read from
+// memory, which the strided reads overlapped with the FMAs, moves into the
+// packing).
 bool packs_images(const ConvGeom& g, bool transposed, const at::Tensor& src) {
   const int64_t walked = transposed ? g.h * g.w : g.oh * g.ow;
-  const bool planes = src.stride(3) == 1 && src.stride(2) == src.size(3) && src.stride(1) != 1;
-  return planes && src.size(1) > 1 && whole_images_per_thread(g.n) && 2 * walked >= src.size(2) * src.size(3);
+  const bool planes = src.stride(3) == 1 && src.stride(2) == src.size(3) && src.stride(1) != 1 && src.size(1) > 1;
+  return planes && g.taps() > 1 && whole_images_per_thread(g.n) && 2 * walked >= src.size(2) * src.size(3);
 }
 
 // Element stride between a pixel's channels as the conv kernel reads them.
