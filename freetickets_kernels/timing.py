@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable, Union
+from typing import Callable, List, Sequence, Union
 
 import torch
 
@@ -28,6 +28,28 @@ def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 2,
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def interleaved_median_seconds(fns: Sequence[Callable[[], object]], repeats: int, warmup: int = 2) -> List[float]:
+    """Median wall time of each CPU function, the functions called in turn.
+
+    Each round runs every function once, so a drift of the machine's speed
+    during the measurement (another process, the heap's state) reaches all
+    of them alike and their ratios stay fair, where timing one after the
+    other would charge the drift to whichever ran during it.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    times: List[List[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, own in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            own.append(time.perf_counter() - start)
+    return [statistics.median(own) for own in times]
 
 
 def _median_cuda_seconds(fn: Callable[[], object], repeats: int) -> float:

@@ -33,3 +33,24 @@ def test_bench_help_teaches(capsys):
         main(["bench", "models", "--help"])
     out = capsys.readouterr().out
     assert "--densities" in out and "--quick" in out and "ensemble" in out
+
+
+def test_interleaved_timing_calls_each_function_in_turn(monkeypatch):
+    # every round runs all functions once, in order, after the warm-up rounds; each
+    # function's median is of its own times (a fake clock: each call takes its index + 1)
+    from freetickets_kernels import timing
+
+    calls, clock = [], [0.0]
+
+    def make(i):
+        def fn():
+            calls.append(i)
+            clock[0] += i + 1.0
+        return fn
+
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock[0])
+    medians = timing.interleaved_median_seconds([make(0), make(1), make(2)], repeats=3, warmup=1)
+    assert calls == [0, 1, 2] * 4
+    assert medians == [1.0, 2.0, 3.0]
+    with pytest.raises(ValueError, match="repeats"):
+        timing.interleaved_median_seconds([make(0)], repeats=0)

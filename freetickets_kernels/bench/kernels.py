@@ -1,7 +1,8 @@
 """CPU kernel suite: block-sparse linear and conv2d vs dense torch and torch.sparse BSR.
 
 Each row: median time of our op and of the dense torch op (F.linear / F.conv2d
-on the densified weight, same threads) measured in the same run, the speedup,
+on the densified weight, same threads), called in turn in each timed round (a
+drift of the machine reaches both), the speedup,
 the ideal 1/density, and for linear rows the speedup of torch.sparse BSR.
 "fwd" times the forward; "fwd+bwd" a training step of the op (forward, then
 backward to the input and the weights from a fixed random upstream gradient).
@@ -25,7 +26,7 @@ import freetickets_kernels as ftk
 from ..layout import BlockSparseLayout
 from ..progress import Progress
 from ..results import markdown_table, write_results
-from ..timing import median_seconds
+from ..timing import interleaved_median_seconds
 
 DENSITIES = [0.5, 0.3, 0.2, 0.1, 0.05]
 # (tokens, in, out)
@@ -65,29 +66,26 @@ def _train_step(fn, *leaves):
     return step
 
 
-def bench_linear(tokens, inn, out, block, density, passes, repeats, dense_cache):
+def bench_linear(tokens, inn, out, block, density, passes, repeats):
     w = torch.randn(out, inn)
     values, layout = BlockSparseLayout.from_dense(w, block, density=density)
     wd = layout.unpack(values)
     x = torch.randn(tokens, inn)
     rows = []
     for p in passes:
-        key = ("linear", tokens, inn, out, p)
         if p == "fwd":
-            ours = median_seconds(lambda: ftk.block_sparse_linear(x, values, layout), repeats)
-            if key not in dense_cache:
-                dense_cache[key] = median_seconds(lambda: F.linear(x, wd), repeats)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # torch.sparse BSR is "beta"
                 w_bsr = wd.to_sparse_bsr((block, block))
-                bsr = median_seconds(lambda: F.linear(x, w_bsr), repeats)
+            ours, dense, bsr = interleaved_median_seconds(
+                [lambda: ftk.block_sparse_linear(x, values, layout), lambda: F.linear(x, wd),
+                 lambda: F.linear(x, w_bsr)], repeats)
         else:
             xg, vg, wg = x.clone().requires_grad_(), values.clone().requires_grad_(), wd.clone().requires_grad_()
-            ours = median_seconds(_train_step(lambda: ftk.block_sparse_linear(xg, vg, layout), xg, vg), repeats)
-            if key not in dense_cache:
-                dense_cache[key] = median_seconds(_train_step(lambda: F.linear(xg, wg), xg, wg), repeats)
+            ours, dense = interleaved_median_seconds(
+                [_train_step(lambda: ftk.block_sparse_linear(xg, vg, layout), xg, vg),
+                 _train_step(lambda: F.linear(xg, wg), xg, wg)], repeats)
             bsr = None
-        dense = dense_cache[key]
         rows.append(dict(op="linear", shape=f"{tokens}x{inn}->{out}", block=block, density=density,
                          layout_density=round(layout.density, 4), **{"pass": p},
                          ours_ms=ours * 1e3, dense_ms=dense * 1e3, speedup=dense / ours,
@@ -95,7 +93,7 @@ def bench_linear(tokens, inn, out, block, density, passes, repeats, dense_cache)
     return rows
 
 
-def bench_conv(spec, block, density, passes, repeats, dense_cache, memory_format):
+def bench_conv(spec, block, density, passes, repeats, memory_format):
     name, batch, cin, cout, k, hw, stride, padding = spec
     w = torch.randn(cout, cin, k, k)
     values, layout = BlockSparseLayout.from_dense(w, block, density=density)
@@ -104,19 +102,15 @@ def bench_conv(spec, block, density, passes, repeats, dense_cache, memory_format
     x = torch.randn(batch, cin, hw, hw).contiguous(memory_format=fmt)
     rows = []
     for p in passes:
-        key = ("conv", name, batch, p, memory_format)
         if p == "fwd":
-            ours = median_seconds(lambda: ftk.block_sparse_conv2d(x, values, layout, None, stride, padding), repeats)
-            if key not in dense_cache:
-                dense_cache[key] = median_seconds(lambda: F.conv2d(x, wd, None, stride, padding), repeats)
+            ours, dense = interleaved_median_seconds(
+                [lambda: ftk.block_sparse_conv2d(x, values, layout, None, stride, padding),
+                 lambda: F.conv2d(x, wd, None, stride, padding)], repeats)
         else:
             xg, vg, wg = x.clone().requires_grad_(), values.clone().requires_grad_(), wd.clone().requires_grad_()
-            ours = median_seconds(
-                _train_step(lambda: ftk.block_sparse_conv2d(xg, vg, layout, None, stride, padding), xg, vg), repeats)
-            if key not in dense_cache:
-                dense_cache[key] = median_seconds(
-                    _train_step(lambda: F.conv2d(xg, wg, None, stride, padding), xg, wg), repeats)
-        dense = dense_cache[key]
+            ours, dense = interleaved_median_seconds(
+                [_train_step(lambda: ftk.block_sparse_conv2d(xg, vg, layout, None, stride, padding), xg, vg),
+                 _train_step(lambda: F.conv2d(xg, wg, None, stride, padding), xg, wg)], repeats)
         rows.append(dict(op="conv2d", shape=f"{name} b{batch} {memory_format}", block=block, density=density,
                          layout_density=round(layout.density, 4), **{"pass": p},
                          ours_ms=ours * 1e3, dense_ms=dense * 1e3, speedup=dense / ours,
@@ -160,18 +154,19 @@ def run(args: argparse.Namespace) -> int:
     if "conv2d" in args.ops:
         for spec, fmt, block in itertools.product(QUICK_CONV if args.quick else CONV_SHAPES, args.formats, (16, 32)):
             jobs += [("conv2d", (spec, fmt), block, d) for d in args.densities]
-    rows, dense_cache = [], {}
+    rows = []
     with ftk.use_backend("cpu"):
         for op, shape, block, density in Progress(jobs, "cpu kernels"):
             if op == "linear":
-                rows += bench_linear(*shape, block, density, args.passes, args.repeats, dense_cache)
+                rows += bench_linear(*shape, block, density, args.passes, args.repeats)
             else:
                 spec, fmt = shape
-                rows += bench_conv(spec, block, density, args.passes, args.repeats, dense_cache, fmt)
+                rows += bench_conv(spec, block, density, args.passes, args.repeats, fmt)
     columns = ["op", "shape", "pass", "block", "density", "ours_ms", "dense_ms", "speedup", "ideal", "bsr_speedup"]
     from freetickets_kernels.backends import cpu
 
-    notes = (f"float32, {args.threads} threads, median of {args.repeats}; dense = F.linear/F.conv2d on the "
+    notes = (f"float32, {args.threads} threads, median of {args.repeats}, ours and dense (and BSR) called in "
+             f"turn in each round; dense = F.linear/F.conv2d on the "
              f"densified weight; fwd+bwd = forward + backward from a fixed random upstream gradient; "
              f"bsr_speedup = torch.sparse BSR F.linear vs dense. cpu backend: {cpu.build_info()}")
     name = args.name or ("cpu_kernels_quick" if args.quick else "cpu_kernels")
