@@ -1,8 +1,8 @@
 """CPU kernel suite: block-sparse linear and conv2d vs dense torch and torch.sparse BSR.
 
 Each row: median time of our op and of the dense torch op (F.linear / F.conv2d
-on the densified weight, same threads), called in turn in each timed round (a
-drift of the machine reaches both), the speedup,
+on the densified weight, same threads), each timed right after the other (or,
+with --interleaved, called in turn in every round), the speedup,
 the ideal 1/density, and for linear rows the speedup of torch.sparse BSR.
 "fwd" times the forward; "fwd+bwd" a training step of the op (forward, then
 backward to the input and the weights from a fixed random upstream gradient).
@@ -26,7 +26,7 @@ import freetickets_kernels as ftk
 from ..layout import BlockSparseLayout
 from ..progress import Progress
 from ..results import markdown_table, write_results
-from ..timing import interleaved_median_seconds
+from ..timing import interleaved_median_seconds, median_seconds
 
 DENSITIES = [0.5, 0.3, 0.2, 0.1, 0.05]
 # (tokens, in, out)
@@ -66,7 +66,16 @@ def _train_step(fn, *leaves):
     return step
 
 
-def bench_linear(tokens, inn, out, block, density, passes, repeats):
+def _medians(fns, repeats, interleaved):
+    """Median seconds of each function: timed one after the other, each warm in
+    the caches from its own previous calls; or called in turn in each round, so
+    each finds the caches as the other left them (as a layer between layers does)."""
+    if interleaved:
+        return interleaved_median_seconds(fns, repeats)
+    return [median_seconds(fn, repeats) for fn in fns]
+
+
+def bench_linear(tokens, inn, out, block, density, passes, repeats, interleaved=False):
     w = torch.randn(out, inn)
     values, layout = BlockSparseLayout.from_dense(w, block, density=density)
     wd = layout.unpack(values)
@@ -77,14 +86,14 @@ def bench_linear(tokens, inn, out, block, density, passes, repeats):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # torch.sparse BSR is "beta"
                 w_bsr = wd.to_sparse_bsr((block, block))
-            ours, dense, bsr = interleaved_median_seconds(
+            ours, dense, bsr = _medians(
                 [lambda: ftk.block_sparse_linear(x, values, layout), lambda: F.linear(x, wd),
-                 lambda: F.linear(x, w_bsr)], repeats)
+                 lambda: F.linear(x, w_bsr)], repeats, interleaved)
         else:
             xg, vg, wg = x.clone().requires_grad_(), values.clone().requires_grad_(), wd.clone().requires_grad_()
-            ours, dense = interleaved_median_seconds(
+            ours, dense = _medians(
                 [_train_step(lambda: ftk.block_sparse_linear(xg, vg, layout), xg, vg),
-                 _train_step(lambda: F.linear(xg, wg), xg, wg)], repeats)
+                 _train_step(lambda: F.linear(xg, wg), xg, wg)], repeats, interleaved)
             bsr = None
         rows.append(dict(op="linear", shape=f"{tokens}x{inn}->{out}", block=block, density=density,
                          layout_density=round(layout.density, 4), **{"pass": p},
@@ -93,7 +102,7 @@ def bench_linear(tokens, inn, out, block, density, passes, repeats):
     return rows
 
 
-def bench_conv(spec, block, density, passes, repeats, memory_format):
+def bench_conv(spec, block, density, passes, repeats, memory_format, interleaved=False):
     name, batch, cin, cout, k, hw, stride, padding = spec
     w = torch.randn(cout, cin, k, k)
     values, layout = BlockSparseLayout.from_dense(w, block, density=density)
@@ -103,14 +112,14 @@ def bench_conv(spec, block, density, passes, repeats, memory_format):
     rows = []
     for p in passes:
         if p == "fwd":
-            ours, dense = interleaved_median_seconds(
+            ours, dense = _medians(
                 [lambda: ftk.block_sparse_conv2d(x, values, layout, None, stride, padding),
-                 lambda: F.conv2d(x, wd, None, stride, padding)], repeats)
+                 lambda: F.conv2d(x, wd, None, stride, padding)], repeats, interleaved)
         else:
             xg, vg, wg = x.clone().requires_grad_(), values.clone().requires_grad_(), wd.clone().requires_grad_()
-            ours, dense = interleaved_median_seconds(
+            ours, dense = _medians(
                 [_train_step(lambda: ftk.block_sparse_conv2d(xg, vg, layout, None, stride, padding), xg, vg),
-                 _train_step(lambda: F.conv2d(xg, wg, None, stride, padding), xg, wg)], repeats)
+                 _train_step(lambda: F.conv2d(xg, wg, None, stride, padding), xg, wg)], repeats, interleaved)
         rows.append(dict(op="conv2d", shape=f"{name} b{batch} {memory_format}", block=block, density=density,
                          layout_density=round(layout.density, 4), **{"pass": p},
                          ours_ms=ours * 1e3, dense_ms=dense * 1e3, speedup=dense / ours,
@@ -127,6 +136,10 @@ def add_arguments(parser: argparse.ArgumentParser, out_default: str) -> None:
     parser.add_argument("--passes", nargs="+", choices=["fwd", "fwd+bwd"], default=["fwd", "fwd+bwd"])
     parser.add_argument("--formats", nargs="+", choices=["nchw", "channels_last"], default=["nchw", "channels_last"],
                         help="conv input memory format; dense F.conv2d gets the same input")
+    parser.add_argument("--interleaved", action="store_true",
+                        help="call ours and dense in turn in every timed round: each op then finds the caches as the "
+                             "other left them, as a layer inside a network does (default: each op timed on its own, "
+                             "warm from its previous calls)")
     parser.add_argument("--quick", action="store_true", help="one small shape per op: checks the suite runs")
     parser.add_argument("--out", default=out_default, help="directory for JSON + Markdown (default %(default)s)")
     parser.add_argument("--name", default=None, help="result file name (default: cpu_kernels[_quick])")
@@ -158,15 +171,16 @@ def run(args: argparse.Namespace) -> int:
     with ftk.use_backend("cpu"):
         for op, shape, block, density in Progress(jobs, "cpu kernels"):
             if op == "linear":
-                rows += bench_linear(*shape, block, density, args.passes, args.repeats)
+                rows += bench_linear(*shape, block, density, args.passes, args.repeats, args.interleaved)
             else:
                 spec, fmt = shape
-                rows += bench_conv(spec, block, density, args.passes, args.repeats, fmt)
+                rows += bench_conv(spec, block, density, args.passes, args.repeats, fmt, args.interleaved)
     columns = ["op", "shape", "pass", "block", "density", "ours_ms", "dense_ms", "speedup", "ideal", "bsr_speedup"]
     from freetickets_kernels.backends import cpu
 
-    notes = (f"float32, {args.threads} threads, median of {args.repeats}, ours and dense (and BSR) called in "
-             f"turn in each round; dense = F.linear/F.conv2d on the "
+    order = ("ours and dense (and BSR) called in turn in each round, each finding the caches as the other left "
+             "them" if args.interleaved else "dense timed right after ours, each warm from its own calls")
+    notes = (f"float32, {args.threads} threads, median of {args.repeats}, {order}; dense = F.linear/F.conv2d on the "
              f"densified weight; fwd+bwd = forward + backward from a fixed random upstream gradient; "
              f"bsr_speedup = torch.sparse BSR F.linear vs dense. cpu backend: {cpu.build_info()}")
     name = args.name or ("cpu_kernels_quick" if args.quick else "cpu_kernels")
