@@ -348,7 +348,7 @@ void run_on(const SparseGemm& g, int64_t rows, const OutRows& out, FillRows fill
       }
       if (staged)
         out.scatter(k, stage.data(), stage_ld, m_begin, m_end, blk0 * g.width, std::min(g.out_cols, blk1 * g.width),
-                      streaming);
+                    streaming);
     }
   });
 }
@@ -966,18 +966,19 @@ Planes planes_for(const ConvGeom& g, bool grad_input) {
 // Whether that applies to `src` and pays: a 1x1 conv's planes must hold a
 // vector (16 pixels), other convs may spend at most a quarter of the columns
 // on padding, and the live values, streamed once per image, must weigh less
-// than an image's activations (large maps, narrow layers).  Each path makes
-// one extra pass over an activation where 1x1 planes are not whole lines
-// long (14x14, 7x7): the planes copy their source, the general path
-// transposes its result; the smaller wins (ResNet-50's 1024->256 @14
-// forward, 2048->512 @7 forward and the grad-inputs of the expanding convs
-// ran 11-35% faster on the general path).  Convs with taps
-// also copy the planes in and out, which only pays where the general path's
-// blocks are mostly padding: fewer input channels than a block (a network's
-// first conv: 3 channels, 16-channel blocks: 0.65 ms on planes, 0.94 ms on
-// the general path).  Wider layers were 0-30% faster on the general path,
-// whose NCHW images are packed channels-last (packs_images), except 64-channel
-// layers on large maps with blocks of 16, 6-11% slower in the forward.
+// than an image's activations (large maps, narrow layers).
+// 1x1: where the planes are not whole lines long (14x14, 7x7) each path
+// makes one extra pass over an activation: the planes copy their source, the
+// general path transposes its result; the smaller wins (ResNet-50's
+// 1024->256 @14 and 2048->512 @7 forwards and the expanding convs'
+// grad-inputs ran 11-35% faster on the general path).
+// Convs with taps copy the padded planes in and their results out, which
+// only pays where the general path's blocks are mostly padding: fewer input
+// channels than a block (a network's 3-channel first conv, blocks of 16:
+// 0.65 ms on planes, 0.94 ms on the general path).  Wider layers were 0-30%
+// faster on the general path, whose NCHW images are packed channels-last
+// (packs_images), except 64-channel layers on large maps with blocks of 16,
+// 6-11% slower in the forward.
 bool on_planes(const ConvGeom& g, const at::Tensor& src, const at::Tensor& values, bool grad_input) {
   const Planes pp = planes_for(g, grad_input);
   const int64_t wp = src.size(3) + 2 * pp.pad_w, out_w = grad_input ? g.w : g.ow;
