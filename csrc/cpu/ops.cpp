@@ -116,14 +116,6 @@ at::Tensor scratch(Scratch which, at::IntArrayRef sizes, const at::TensorOptions
   return buf.narrow(0, 0, numel).view(sizes);
 }
 
-// `t` permuted by `dims`, contiguous: a view when it already is (no copy),
-// else a copy into scratch slot `which`.
-at::Tensor permuted(const at::Tensor& t, at::IntArrayRef dims, Scratch which) {
-  at::Tensor view = t.permute(dims);
-  if (view.is_contiguous()) return view;
-  return scratch(which, view.sizes(), t.options()).copy_(view);
-}
-
 // A conv op's [N, C, H, W] result: channels_last when the op's main input is
 // strictly channels_last, as torch's conv does; else contiguous.  Mirrors
 // validation.conv_memory_format().  Either way the kernel writes it in place.
@@ -640,18 +632,24 @@ WeightsFirst weights_first_grad_input(const at::Tensor& values, const at::Tensor
           tslot.data_ptr<int32_t>(), in_features, bi, out_features, bo, 1, bi, bo * bi};
 }
 
-// Rows of B^T that are not whole cache lines long start mid-line, and every
-// vector load of them straddles two lines (2x slower here), or, at a row's
-// end, goes through the kernel's partial path.  `rows` [r, n] copied into
-// scratch rows padded with zeros to whole lines: read by whole vectors.
 constexpr int64_t kLineFloats = 64 / sizeof(float);
 
-at::Tensor padded_rows(const at::Tensor& rows, Scratch which) {
-  const int64_t n = rows.size(1), ld = cdiv(n, kLineFloats) * kLineFloats;
-  at::Tensor out = scratch(which, {rows.size(0), ld}, rows.options());
-  out.narrow(1, 0, n).copy_(rows);
-  out.narrow(1, n, ld - n).zero_();  // never stored, but no stale denormals in the lanes either
-  return out;
+// dst[c * ldd + r] = src[r * lds + c] for r < rows, c < cols: the ISA's
+// register transpose on pieces of 256 rows or columns (the longer side) that
+// the threads share (torch's copy of a transposed matrix runs on one thread).
+void transpose_parallel(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst, int64_t ldd) {
+  constexpr int64_t kPiece = 256;
+  const IsaKernel& k = isa();
+  const bool by_rows = rows > cols;
+  at::parallel_for(0, cdiv(by_rows ? rows : cols, kPiece), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t piece = begin; piece < end; ++piece) {
+      const int64_t p0 = piece * kPiece, np = std::min(kPiece, (by_rows ? rows : cols) - p0);
+      if (by_rows)
+        k.transpose(src + p0 * lds, lds, int(np), int(cols), dst + p0, ldd, false);
+      else
+        k.transpose(src + p0, lds, int(rows), int(np), dst + p0 * ldd, ldd, false);
+    }
+  });
 }
 
 // b_readable: floats readable in each B^T row (0: ldb).
@@ -676,17 +674,37 @@ void weights_first(const WeightsFirst& w, const float* bt, int64_t ldb, int64_t 
   });
 }
 
+// values [nnzb, Bo, Bi] as [nnzb, Bi, Bo] in scratch slot `which`, block by
+// block in register transposes the threads share.
+at::Tensor blocks_transposed(const at::Tensor& values, Scratch which) {
+  const int64_t nnzb = values.size(0), bo = values.size(1), bi = values.size(2);
+  at::Tensor out = scratch(which, {nnzb, bi, bo}, values.options());
+  const float* src = values.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  const IsaKernel& k = isa();
+  at::parallel_for(0, nnzb, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t blk = begin; blk < end; ++blk)
+      k.transpose(src + blk * bo * bi, bi, int(bo), int(bi), dst + blk * bo * bi, bo, false);
+  });
+  return out;
+}
+
 // Linear forward, few tokens: Y^T = W X^T through scratch transposes.
 void linear_forward_weights_first(const at::Tensor& x, const at::Tensor& values,
                                   const at::Tensor& row_ptr, const at::Tensor& col_idx,
                                   const at::Tensor& slot, const std::optional<at::Tensor>& bias,
                                   int64_t out_features, at::Tensor& y) {
-  const int64_t n = x.size(0), in = x.size(1);
-  const at::Tensor xt = padded_rows(x.t(), kTransposeA);
+  // X^T's rows padded with zeros to whole cache lines: a row that starts
+  // mid-line makes every vector load of it straddle two lines (2x slower
+  // here); the padding is never stored, but holds no stale denormals either.
+  const int64_t n = x.size(0), in = x.size(1), ld = cdiv(n, kLineFloats) * kLineFloats;
+  const at::Tensor xt = scratch(kTransposeA, {in, ld}, x.options());
+  xt.narrow(1, n, ld - n).zero_();
+  transpose_parallel(x.data_ptr<float>(), in, n, in, xt.data_ptr<float>(), ld);
   at::Tensor yt = scratch(kTransposeB, {out_features, n}, x.options());
-  weights_first(weights_first_forward(values, row_ptr, col_idx, slot, out_features, in), xt.data_ptr<float>(),
-                xt.stride(0), n, yt.data_ptr<float>(), n);
-  y.copy_(yt.t());
+  weights_first(weights_first_forward(values, row_ptr, col_idx, slot, out_features, in), xt.data_ptr<float>(), ld,
+                n, yt.data_ptr<float>(), n);
+  transpose_parallel(yt.data_ptr<float>(), n, out_features, n, y.data_ptr<float>(), out_features);
   if (bias.has_value()) {
     check_float(*bias, "bias");
     y.add_(*bias);
@@ -721,7 +739,7 @@ at::Tensor linear_forward(const at::Tensor& x_, const at::Tensor& values_, const
   const bool per_group = n >= 16 && values_dominate;
   const at::Tensor values = values_.contiguous();
   // [nnzb, Bi, Bo]: Bo is the vector axis
-  const at::Tensor vt = per_group ? values : permuted(values, {0, 2, 1}, kTransposeA);
+  const at::Tensor vt = per_group ? values : blocks_transposed(values, kTransposeA);
   const at::Tensor bp = padded_bias(bias, R * bo, x);
   SparseGemm g{n, R, int(bo), out_features, matrix_rows(y.data_ptr<float>(), n, out_features), {}, {}, bo,
                bp.defined() ? bp.data_ptr<float>() : nullptr, 1};
