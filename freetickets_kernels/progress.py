@@ -14,7 +14,7 @@ class Progress:
     """
 
     def __init__(self, items: Iterable, label: str, total: Optional[int] = None, enabled: bool = True,
-                 stream=None) -> None:
+                 stream=None, log_every: float = 60.0) -> None:
         self.items = items
         self.label = label
         self.total = total if total is not None else (len(items) if isinstance(items, Sized) else 0)
@@ -22,8 +22,10 @@ class Progress:
         self.stream = stream or sys.stderr
         self.postfix = ""
         self._start = self._drawn = time.perf_counter()
-        # a log file gets the final line only; a terminal gets at most ~10 redraws a second
+        # a terminal gets at most ~10 redraws a second; a log file a line a minute
+        # (a 20-minute benchmark must not look hung) and the final line
         self.live = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.every = 0.1 if self.live else log_every
 
     def set_postfix(self, text: str) -> None:
         self.postfix = text
@@ -37,14 +39,14 @@ class Progress:
         else:
             tail = f"eta {elapsed / done * (self.total - done):4.0f}s" if done else "eta    ?s"
         text = f"{chr(13) if self.live else ''}{self.label} [{bar:<20}] {done}/{self.total} {tail} {self.postfix}"
-        print(text, end="\n" if final else "", file=self.stream, flush=True)
+        print(text, end="\n" if final or not self.live else "", file=self.stream, flush=True)
 
     def __iter__(self):
-        self._start = time.perf_counter()
+        self._start = self._drawn = time.perf_counter()
         done = 0
         for item in self.items:
             now = time.perf_counter()
-            if self.enabled and self.live and (done == 0 or now - self._drawn > 0.1):
+            if self.enabled and (self.live and done == 0 or now - self._drawn > self.every):
                 self._drawn = now
                 self._draw(done)
             yield item

@@ -7,7 +7,7 @@ the ideal 1/density, and for linear rows the speedup of torch.sparse BSR.
 "fwd" times the forward; "fwd+bwd" a training step of the op (forward, then
 backward to the input and the weights from a fixed random upstream gradient).
 
-    freetickets bench kernels                        # the full suite (2-5 min on 2 cores)
+    freetickets bench kernels                        # the full suite (8-20 min on 2 cores)
     freetickets bench kernels --quick                # a few rows, to check it runs
     python benchmarks/cpu_kernels.py                 # the same, writing to benchmarks/results/
 """
