@@ -46,7 +46,7 @@ class Progress:
         done = 0
         for item in self.items:
             now = time.perf_counter()
-            if self.enabled and (self.live and done == 0 or now - self._drawn > self.every):
+            if self.enabled and ((self.live and done == 0) or now - self._drawn > self.every):
                 self._drawn = now
                 self._draw(done)
             yield item
