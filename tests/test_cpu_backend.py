@@ -154,17 +154,19 @@ def test_conv2d_reads_and_writes_in_any_memory_format(isa, fmt, kernel, stride, 
 @pytest.mark.parametrize("kernel,padding,dilation", [((3, 3), (1, 1), (1, 1)), ((3, 3), (2, 2), (2, 2)),
                                                      ((1, 3), (0, 1), (1, 1)), ((3, 3), (0, 0), (1, 1))])
 @pytest.mark.parametrize("batch", [1, 5])
-def test_conv2d_stride1_nchw_on_padded_planes(isa, kernel, padding, dilation, batch):
+@pytest.mark.parametrize("hw", [(12, 15), (4, 70)])
+def test_conv2d_stride1_nchw_on_padded_planes(isa, kernel, padding, dilation, batch, hw):
     # stride-1 NCHW convs with fewer input channels than a block, whose maps outweigh the
     # live values, run weights-first on each image zero-padded into scratch (batch 5:
-    # images shared among threads); a ragged output block, and a row length (17-19) that
-    # is no whole number of vectors
+    # images shared among threads), writing each output row from its padded input rows;
+    # a ragged output block, row lengths (13-19) that are no whole number of vectors, and
+    # rows (68-72) longer than one column block of 64
     from freetickets_kernels.backends import cpu
 
     cpu.set_isa(isa)
     layout = random_layout((20, 6, *kernel), (8, 8), 0.5, seed=8)
     values = random_values(layout, dtype=torch.float32)
-    x = torch.randn(batch, 6, 12, 15)
+    x = torch.randn(batch, 6, *hw)
     _compare(lambda x, v, b: ftk.block_sparse_conv2d(x, v, layout, b, 1, padding, dilation),
              [x, values, torch.randn(20)])
 
@@ -207,15 +209,17 @@ def test_conv2d_nchw_images_packed_channels_last(isa, stride, padding, dilation,
 
 
 @pytest.mark.parametrize("isa", _isas())
-def test_conv2d_large_nchw_output_is_streamed_correctly(isa):
-    # 6 MB of NCHW output outgrows 2 threads' L2 here, so it is written with
-    # non-temporal stores on AVX-512 (where aligned: 64x64 planes are)
+@pytest.mark.parametrize("batch,hw", [(8, 64), (44, 24)])
+def test_conv2d_large_nchw_output(isa, batch, hw):
+    # 6 MB of NCHW output, more than 2 threads' L2 here.  64x64: rows of 64 on padded
+    # planes, written in place; 24x24: packed channels-last, staged results written
+    # out with non-temporal stores on AVX-512 (where aligned)
     from freetickets_kernels.backends import cpu
 
     cpu.set_isa(isa)
     layout = random_layout((48, 16, 3, 3), (16, 16), 0.5, seed=4)
     values = random_values(layout, dtype=torch.float32)
-    x = torch.randn(8, 16, 64, 64)
+    x = torch.randn(batch, 16, hw, hw)
     fn = lambda x, v: ftk.block_sparse_conv2d(x, v, layout, None, 1, 1)  # noqa: E731
     ref = run_op("reference", fn, [x.double(), values.double()])
     got = run_op("cpu", fn, [x, values])

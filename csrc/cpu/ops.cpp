@@ -202,6 +202,19 @@ struct SparseGemm {
   int64_t ldb_t = 0;
   int64_t a_stride = 1;  // elements between A_t[k] and A_t[k + 1] (NCHW conv input: H * W)
   int64_t b_readable = 0;  // row_group: floats readable in each B row from column 0 (0: ldb)
+  // row_group: C's columns as a grid of grid_rows rows of grid_cols columns
+  // whose rows lie b_pitch floats apart in B and c_pitch in C (a conv's
+  // output rows on zero-padded planes: B's rows carry the padding, C's do
+  // not); each grid row is cdiv(grid_cols, width) blocks.  0: one row of
+  // out_cols columns, contiguous in both.
+  int64_t grid_cols = 0, b_pitch = 0, c_pitch = 0;
+
+  int64_t blocks_per_row() const { return grid_cols ? cdiv(grid_cols, width) : n_blocks; }
+  int64_t b_col(int64_t blk) const { return blk / blocks_per_row() * b_pitch + blk % blocks_per_row() * width; }
+  int64_t c_col(int64_t blk) const { return blk / blocks_per_row() * c_pitch + blk % blocks_per_row() * width; }
+  int valid_cols(int64_t blk) const {
+    return int(std::min<int64_t>(width, (grid_cols ? grid_cols : out_cols) - blk % blocks_per_row() * width));
+  }
 };
 
 // Consecutive column blocks that a tile computes one after the other with the
@@ -318,21 +331,22 @@ void run_on(const SparseGemm& g, int64_t rows, const OutRows& out, FillRows fill
         }
         for (int64_t blk = blk0; blk < blk1; ++blk) {
           const int64_t term_group = g.row_group ? chunk_i : blk;
-          for (int t = 0; t < tn; ++t) c_rows[t] = c_base[t] + (blk - (staged ? blk0 : 0)) * g.width;
+          const int64_t c_col = staged ? (blk - blk0) * g.width : g.c_col(blk);
+          for (int t = 0; t < tn; ++t) c_rows[t] = c_base[t] + c_col;
           TileArgs args;
           args.tn = tn;
           args.width = g.width;
-          args.w_valid = int(std::min<int64_t>(g.width, g.out_cols - blk * g.width));
+          args.w_valid = g.valid_cols(blk);
           // packed blocks are zero-padded to full width; a B matrix (no bias) may end mid-panel or
           // have readable padding past it
-          args.b_cols = int(g.row_group ? (g.b_readable ? g.b_readable : g.ldb) - blk * g.width : g.width);
+          args.b_cols = int(g.row_group ? (g.b_readable ? g.b_readable : g.ldb) - g.b_col(blk) : g.width);
           args.accumulate = false;
           args.a_rows = a_rows.data();
           args.a_stride = g.a_stride;
           args.terms = terms + g.term_ptr[term_group];
           args.nterms = g.term_ptr[term_group + 1] - g.term_ptr[term_group];
           args.ldb = g.ldb;
-          args.b_off = g.row_group ? blk * g.width : 0;
+          args.b_off = g.row_group ? g.b_col(blk) : 0;
           args.bias = g.bias ? g.bias + blk * g.width : nullptr;
           args.c_rows = c_rows;
           k.tile(args);
@@ -652,15 +666,27 @@ void transpose_parallel(const float* src, int64_t lds, int64_t rows, int64_t col
   });
 }
 
+// C^T's n columns as grid_rows rows of n / grid_rows columns, rows b_pitch
+// floats apart in B^T (and contiguous in C^T): a conv's output pixels on
+// zero-padded planes.
+struct ColumnGrid {
+  int64_t rows, b_pitch;
+};
+
 // b_readable: floats readable in each B^T row (0: ldb).
 void weights_first(const WeightsFirst& w, const float* bt, int64_t ldb, int64_t n, float* ct, int64_t ldc,
-                   int64_t b_readable = 0) {
-  const int64_t panel = std::min<int64_t>(n, 64);
+                   int64_t b_readable = 0, ColumnGrid grid = {1, 0}) {
+  const int64_t cols = n / grid.rows, panel = std::min<int64_t>(cols, 64);
   const int64_t groups = cdiv(w.rows, w.group);
-  SparseGemm g{w.rows, cdiv(n, panel), int(panel), n, matrix_rows(ct, w.rows, ldc), {}, {}, ldb, nullptr, 1,
-               w.group};
+  SparseGemm g{w.rows, grid.rows * cdiv(cols, panel), int(panel), n, matrix_rows(ct, w.rows, ldc), {}, {}, ldb,
+               nullptr, 1, w.group};
   g.a_stride = w.elem_step;
   g.b_readable = b_readable;
+  if (grid.rows > 1) {
+    g.grid_cols = cols;
+    g.b_pitch = grid.b_pitch;
+    g.c_pitch = cols;
+  }
   g.term_ptr.assign(w.ptr, w.ptr + groups + 1);
   for (int64_t e = 0; e < w.ptr[groups]; ++e) {
     const int64_t col = w.cols_per_tap ? w.idx[e] % w.cols_per_tap : w.idx[e];
@@ -962,15 +988,16 @@ void for_each_image(int64_t images, OneImage one_image) {
 }
 
 // Stride-1 convs on NCHW planes run weights-first on each image: output
-// pixel (oy, ox) is column oy * Wp + ox of C^T, Wp being the width of the
+// pixel (oy, ox) reads B^T column oy * Wp + ox, Wp being the width of the
 // planes zero-padded by the conv's padding, and tap (i, j) reads the padded
 // planes shifted by i * dh * Wp + j * dw: whole vectors, always in bounds.
-// Padding columns (ox >= OW) are computed and dropped.  The planes are
-// copied into scratch (one image at a time: L2-sized) unless a 1x1 conv can
-// read them in place (whole lines long: else every vector load straddles
-// two lines, 2x slower here), and C^T goes through scratch only when it has
-// padding columns.  Grad-input is the stride-1 conv of grad_out padded by
-// (k - 1) * d - p with the taps flipped (so it needs p <= (k - 1) * d).
+// C^T is the output image itself: its rows, OW wide, are computed from the
+// padded rows Wp floats apart (ColumnGrid), so no result is copied.  The
+// planes are copied into scratch (one image at a time: L2-sized) unless a
+// 1x1 conv can read them in place (whole lines long: else every vector load
+// straddles two lines, 2x slower here).  Grad-input is the stride-1 conv of
+// grad_out padded by (k - 1) * d - p with the taps flipped (so it needs
+// p <= (k - 1) * d).
 struct Planes {
   int64_t pad_h, pad_w;
   bool flip;
@@ -990,21 +1017,44 @@ Planes planes_for(const ConvGeom& g, bool grad_input) {
 // general path transposes its result; the smaller wins (ResNet-50's
 // 1024->256 @14 and 2048->512 @7 forwards and the expanding convs'
 // grad-inputs ran 11-35% faster on the general path).
-// Convs with taps copy the padded planes in and their results out, which
-// only pays where the general path's blocks are mostly padding: fewer input
-// channels than a block (a network's 3-channel first conv, blocks of 16:
-// 0.65 ms on planes, 0.94 ms on the general path).  Wider layers were 0-30%
-// faster on the general path, whose NCHW images are packed channels-last
-// (packs_images), except 64-channel layers on large maps with blocks of 16,
-// 6-11% slower in the forward.
+// Convs with taps copy the padded planes in and write output rows in place;
+// the general path packs NCHW images channels-last (packs_images) and
+// writes its results through transposes.  Planes pay where the output rows
+// are long (the tiles run along them) or the general path's blocks are
+// mostly padding (fewer input channels than a block: a 3-channel first
+// conv).  3x3, 32 images, density 0.1, EPYC (AVX2), planes / general:
+// 64->64 @32 forward 2.9 / 3.3 ms, 160->160 @32 training step 55 / 61 ms
+// (forward within 3%); rows of 16 and less lost: 320->320 @16 step 51 / 43
+// ms, 256->256 @14 forward 9.5 / 6.3 ms (rows of 14 waste a partial vector).
 bool on_planes(const ConvGeom& g, const at::Tensor& src, const at::Tensor& values, bool grad_input) {
   const Planes pp = planes_for(g, grad_input);
   const int64_t wp = src.size(3) + 2 * pp.pad_w, out_w = grad_input ? g.w : g.ow;
   const int64_t src_channels = grad_input ? g.cout : g.cin, out_channels = grad_input ? g.cin : g.cout;
   const bool pointwise_pays = g.h * g.w >= 16 && ((g.h * g.w) % kLineFloats == 0 || src_channels <= out_channels);
-  const bool shape_pays = g.pointwise() ? pointwise_pays : 4 * (wp - out_w) <= wp && g.cin < values.size(2);
+  const bool shape_pays =
+      g.pointwise() ? pointwise_pays : 4 * (wp - out_w) <= wp && (g.cin < values.size(2) || out_w >= 32);
   return src.is_contiguous() && g.sh == 1 && g.sw == 1 && pp.pad_h >= 0 && pp.pad_w >= 0 && shape_pays &&
          g.oh * g.ow * (g.cin + g.cout) >= values.numel();
+}
+
+// One contiguous image's c planes of h x w into planes of ld floats in `dst`,
+// each zero-padded to (h + 2 pad_h) x (w + 2 pad_w); the tail of every plane
+// and the slack up to `floats` are zeros too.  One pass, in order.
+void pad_planes(const float* src, int64_t c, int64_t h, int64_t w, const Planes& pp, int64_t ld, float* dst,
+                int64_t floats) {
+  const int64_t wp = w + 2 * pp.pad_w;
+  for (int64_t ch = 0; ch < c; ++ch, src += h * w) {
+    float* plane = dst + ch * ld;
+    std::fill(plane, plane + pp.pad_h * wp, 0.f);
+    for (int64_t y = 0; y < h; ++y) {
+      float* row = plane + (pp.pad_h + y) * wp;
+      std::fill(row, row + pp.pad_w, 0.f);
+      std::copy(src + y * w, src + (y + 1) * w, row + pp.pad_w);
+      std::fill(row + pp.pad_w + w, row + wp, 0.f);
+    }
+    std::fill(plane + (pp.pad_h + h) * wp, plane + ld, 0.f);  // bottom rows, tail
+  }
+  std::fill(dst + c * ld, dst + floats, 0.f);
 }
 
 // out[img] = the weights-first product over src[img]'s planes, padded as
@@ -1014,12 +1064,13 @@ void weights_first_on_planes(WeightsFirst w, const ConvGeom& g, bool grad_input,
   const Planes pp = planes_for(g, grad_input);
   const int64_t c_src = src.size(1), h = src.size(2), wd = src.size(3), c_out = out.size(1);
   const int64_t out_h = out.size(2), out_w = out.size(3);
-  const int64_t hp = h + 2 * pp.pad_h, wp = wd + 2 * pp.pad_w, n = out_h * wp;
-  const bool copy_in = g.taps() > 1 || (hp * wp) % kLineFloats != 0, copy_out = wp != out_w;
+  const int64_t hp = h + 2 * pp.pad_h, wp = wd + 2 * pp.pad_w, n = out_h * out_w;
+  const bool copy_in = g.taps() > 1 || (hp * wp) % kLineFloats != 0;
   const int64_t ld = copy_in ? cdiv(hp * wp, kLineFloats) * kLineFloats : hp * wp;
-  const int64_t n_read = cdiv(n, kLineFloats) * kLineFloats;  // whole vectors at the end of a row
-  // the last plane's last tap reads past it: into zeroed slack
-  const int64_t floats = c_src * ld + (g.kw - 1) * g.dw + (n_read - n) + kLineFloats;
+  // Every B^T read is whole vectors: up to a line past a row (or the last
+  // plane, into zeroed slack).
+  const int64_t b_readable = wp == out_w ? cdiv(n, kLineFloats) * kLineFloats : out_h * wp + kLineFloats;
+  const int64_t floats = c_src * ld + (g.kw - 1) * g.dw + kLineFloats;
   for (int64_t tap = 0; tap < g.taps(); ++tap) {
     const int64_t i = tap / g.kw, j = tap % g.kw;
     w.tap_off.push_back((pp.flip ? g.kh - 1 - i : i) * g.dh * wp + (pp.flip ? g.kw - 1 - j : j) * g.dw);
@@ -1027,22 +1078,12 @@ void weights_first_on_planes(WeightsFirst w, const ConvGeom& g, bool grad_input,
   for_each_image(g.n, [&](int64_t img) {
     const float* bt = src.data_ptr<float>() + img * c_src * h * wd;
     if (copy_in) {
-      at::Tensor padded = scratch(kTransposeA, {floats}, src.options());
-      const at::Tensor plane_rows = padded.narrow(0, 0, c_src * ld).view({c_src, ld});
-      if (pp.pad_h || pp.pad_w) {
-        padded.zero_();
-      } else {  // only what the copy leaves: each plane's tail and the slack
-        plane_rows.narrow(1, hp * wp, ld - hp * wp).zero_();
-        padded.narrow(0, c_src * ld, floats - c_src * ld).zero_();
-      }
-      plane_rows.narrow(1, 0, hp * wp).view({c_src, hp, wp}).narrow(1, pp.pad_h, h).narrow(2, pp.pad_w, wd)
-          .copy_(src.select(0, img));
-      bt = padded.data_ptr<float>();
+      float* planes = scratch(kTransposeA, {floats}, src.options()).data_ptr<float>();
+      pad_planes(bt, c_src, h, wd, pp, ld, planes, floats);
+      bt = planes;
     }
-    float* y = out.data_ptr<float>() + img * c_out * out_h * out_w;
-    const at::Tensor ct = copy_out ? scratch(kTransposeB, {c_out, out_h, wp}, src.options()) : at::Tensor();
-    weights_first(w, bt, ld, n, copy_out ? ct.data_ptr<float>() : y, n, n_read);
-    if (copy_out) out.select(0, img).copy_(ct.narrow(2, 0, out_w));
+    weights_first(w, bt, ld, n, out.data_ptr<float>() + img * c_out * n, n, b_readable,
+                  wp == out_w ? ColumnGrid{1, 0} : ColumnGrid{out_h, wp});
   });
 }
 
