@@ -205,12 +205,11 @@ struct SparseGemm {
   int64_t ldb_t = 0;
   int64_t a_stride = 1;  // elements between A_t[k] and A_t[k + 1] (NCHW conv input: H * W)
   int64_t b_readable = 0;  // row_group: floats readable in each B row from column 0 (0: ldb)
-  // row_group: C's columns as a grid of grid_rows rows of grid_cols columns
-  // whose rows lie b_pitch floats apart in B and c_pitch in C (a conv's
-  // output rows on zero-padded planes: B's rows carry the padding, C's do
-  // not); each grid row is cdiv(grid_cols, width) blocks.  0: one row of
-  // out_cols columns, contiguous in both.
-  int64_t grid_cols = 0, b_pitch = 0, c_pitch = 0;
+  // row_group: C's columns as rows of grid_cols columns, contiguous in C
+  // and b_pitch floats apart in B (a conv's output rows on zero-padded
+  // planes: B's rows carry the padding, C's do not); each row is
+  // cdiv(grid_cols, width) blocks.  0: one row of out_cols columns.
+  int64_t grid_cols = 0, b_pitch = 0;
   // A rows read with stride 1 from memory (matrix rows, channels-last
   // pixels; set where prefetch_pays): while a tile runs, the lines of the
   // next tile's rows that its block group reads are prefetched.  The terms
@@ -220,11 +219,15 @@ struct SparseGemm {
   // of 16: 7.2 -> 4.6 ms; 3x3 64 -> 64 @32: 6.0 -> 4.9 ms.
   bool prefetch_a = false;
 
-  int64_t blocks_per_row() const { return grid_cols ? cdiv(grid_cols, width) : n_blocks; }
-  int64_t b_col(int64_t blk) const { return blk / blocks_per_row() * b_pitch + blk % blocks_per_row() * width; }
-  int64_t c_col(int64_t blk) const { return blk / blocks_per_row() * c_pitch + blk % blocks_per_row() * width; }
-  int valid_cols(int64_t blk) const {
-    return int(std::min<int64_t>(width, (grid_cols ? grid_cols : out_cols) - blk % blocks_per_row() * width));
+  // Where column block blk starts in B and in C, and how many of its columns are valid.
+  struct BlockCols {
+    int64_t b, c;
+    int valid;
+  };
+  BlockCols block_cols(int64_t blk) const {
+    if (!grid_cols) return {blk * width, blk * width, int(std::min<int64_t>(width, out_cols - blk * width))};
+    const int64_t per_row = cdiv(grid_cols, width), row = blk / per_row, col = blk % per_row * width;
+    return {row * b_pitch + col, row * grid_cols + col, int(std::min<int64_t>(width, grid_cols - col))};
   }
 };
 
@@ -294,16 +297,22 @@ BlockGroups group_blocks(const SparseGemm& g, int64_t n_chunks) {
   return out;
 }
 
+// Bytes of this core's level-1 data or level-2 cache, as the C library
+// reports them; `fallback` where it does not.
+int64_t cache_bytes(int level, int64_t fallback) {
+  long bytes = 0;
+#if defined(_SC_LEVEL1_DCACHE_SIZE) && defined(_SC_LEVEL2_CACHE_SIZE)  // glibc
+  bytes = sysconf(level == 1 ? _SC_LEVEL1_DCACHE_SIZE : _SC_LEVEL2_CACHE_SIZE);
+#endif
+  return bytes > 0 ? int64_t(bytes) : fallback;
+}
+
 // Whether `floats` of results outgrow the L2 caches of the threads in use:
 // the next op would read them from further out anyway, so they are written
 // with non-temporal stores, saving the read of every line before its write.
 bool too_big_for_cache(int64_t floats) {
-#ifdef _SC_LEVEL2_CACHE_SIZE  // glibc
-  static const long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
-#else
-  static const long l2 = 0;
-#endif
-  return floats * int64_t(sizeof(float)) > (l2 > 0 ? int64_t(l2) : int64_t(1) << 20) * at::get_num_threads();
+  static const int64_t l2 = cache_bytes(2, int64_t(1) << 20);
+  return floats * int64_t(sizeof(float)) > l2 * at::get_num_threads();
 }
 
 // Whether a tile's A rows, spanning `floats`, are prefetched for the next
@@ -312,12 +321,8 @@ bool too_big_for_cache(int64_t floats) {
 // (60 KB per tile here) ran 3-8% slower with the prefetches, 320 @16
 // (30 KB) 4-10% faster.
 bool prefetch_pays(int64_t floats) {
-#ifdef _SC_LEVEL1_DCACHE_SIZE  // glibc
-  static const long l1 = sysconf(_SC_LEVEL1_DCACHE_SIZE);
-#else
-  static const long l1 = 0;
-#endif
-  return floats * int64_t(sizeof(float)) <= (l1 > 0 ? int64_t(l1) : int64_t(32) << 10);
+  static const int64_t l1 = cache_bytes(1, int64_t(32) << 10);
+  return floats * int64_t(sizeof(float)) <= l1;
 }
 
 // The GEMM's rows [0, rows) written through `out` (a piece of the result
@@ -393,22 +398,23 @@ void run_on(const SparseGemm& g, int64_t rows, const OutRows& out, FillRows fill
         }
         for (int64_t blk = blk0; blk < blk1; ++blk) {
           const int64_t term_group = g.row_group ? chunk_i : blk;
-          const int64_t c_col = staged ? (blk - blk0) * g.width : g.c_col(blk);
+          const SparseGemm::BlockCols cols = g.block_cols(blk);
+          const int64_t c_col = staged ? (blk - blk0) * g.width : cols.c;
           for (int t = 0; t < tn; ++t) c_rows[t] = c_base[t] + c_col;
           TileArgs args;
           args.tn = tn;
           args.width = g.width;
-          args.w_valid = g.valid_cols(blk);
+          args.w_valid = cols.valid;
           // packed blocks are zero-padded to full width; a B matrix (no bias) may end mid-panel or
           // have readable padding past it
-          args.b_cols = int(g.row_group ? (g.b_readable ? g.b_readable : g.ldb) - g.b_col(blk) : g.width);
+          args.b_cols = int(g.row_group ? (g.b_readable ? g.b_readable : g.ldb) - cols.b : g.width);
           args.accumulate = false;
           args.a_rows = a_rows.data();
           args.a_stride = g.a_stride;
           args.terms = terms + g.term_ptr[term_group];
           args.nterms = g.term_ptr[term_group + 1] - g.term_ptr[term_group];
           args.ldb = g.ldb;
-          args.b_off = g.row_group ? g.b_col(blk) : 0;
+          args.b_off = g.row_group ? cols.b : 0;
           args.bias = g.bias ? g.bias + blk * g.width : nullptr;
           args.c_rows = c_rows;
           k.tile(args);
@@ -750,7 +756,6 @@ void weights_first(const WeightsFirst& w, const float* bt, int64_t ldb, int64_t 
   if (grid.rows > 1) {
     g.grid_cols = cols;
     g.b_pitch = grid.b_pitch;
-    g.c_pitch = cols;
   }
   g.term_ptr.assign(w.ptr, w.ptr + groups + 1);
   for (int64_t e = 0; e < w.ptr[groups]; ++e) {
