@@ -119,6 +119,33 @@ at::Tensor scratch(Scratch which, at::IntArrayRef sizes, const at::TensorOptions
   return buf.narrow(0, 0, numel).view(sizes);
 }
 
+// body(begin, end) over items [0, n), the threads taking batches from a
+// shared counter rather than a fixed share each: on this VM one vCPU can run
+// slower than the other for a while, and with a static split every op waits
+// for it (libgomp's spin-waits took 11% of a profiled conv).  Batches shrink
+// as the work runs out (guided scheduling): long contiguous runs first,
+// small ones to even out the finish.
+template <class Body>
+void share_items(int64_t n, Body body) {
+  const int64_t threads = at::get_num_threads();
+  if (n <= 0) return;
+  if (threads == 1 || n == 1 || at::in_parallel_region()) {
+    body(0, n);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (;;) {
+      int64_t begin = next.load(), size = 0;
+      do {
+        size = std::max<int64_t>(1, (n - begin) / (2 * threads));
+      } while (begin < n && !next.compare_exchange_weak(begin, begin + size));
+      if (begin >= n) return;
+      body(begin, std::min(n, begin + size));
+    }
+  });
+}
+
 // A conv op's [N, C, H, W] result: channels_last when the op's main input is
 // strictly channels_last, as torch's conv does; else contiguous.  Mirrors
 // validation.conv_memory_format().  Either way the kernel writes it in place.
@@ -345,7 +372,7 @@ void run_on(const SparseGemm& g, int64_t rows, const OutRows& out, FillRows fill
   const bool staged = out.col_stride != 1;
   const bool streaming = staged && too_big_for_cache(g.rows * g.out_cols);
   const int64_t n_groups = int64_t(groups.begin.size()) - 1;
-  at::parallel_for(0, n_chunks * n_groups, 1, [&](int64_t begin, int64_t end) {
+  share_items(n_chunks * n_groups, [&](int64_t begin, int64_t end) {
     std::vector<const float*> a_rows(size_t(g.nseg) * kMaxTileRows), a_next(a_rows.size());
     float *c_base[kMaxTileRows], *c_rows[kMaxTileRows];
     std::vector<Term> packed_terms;
@@ -658,7 +685,7 @@ void grad_values_blocks(const GradRows& a, const GradCols& b, int64_t ldb,
     });
     return;
   }
-  at::parallel_for(0, int64_t(columns.size()), 1, [&](int64_t begin, int64_t end) {
+  share_items(int64_t(columns.size()), [&](int64_t begin, int64_t end) {
     Worker w;
     for (int64_t c = begin; c < end; ++c) {
       const Column& col = columns[c];
@@ -1050,7 +1077,7 @@ void for_each_image(int64_t images, OneImage one_image) {
     // input that requires grad would record history on the scratch buffers,
     // keeping every call's inputs alive) and in its inference mode.
     const at::ThreadLocalState caller;
-    at::parallel_for(0, images, 1, [&](int64_t begin, int64_t end) {
+    share_items(images, [&](int64_t begin, int64_t end) {
       at::ThreadLocalStateGuard state(caller);
       for (int64_t img = begin; img < end; ++img) one_image(img);
     });
