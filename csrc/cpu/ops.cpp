@@ -157,6 +157,13 @@ at::Tensor conv_output(at::IntArrayRef sizes, const at::Tensor& like) {
 
 // ------------------------------------------------------------------ drivers
 
+// A work buffer holding at least n floats.  Buffers only grow: a vector's
+// resize zero-fills every element it regrows, and work items of different
+// sizes alternate (grad-values' in-place and packed block columns).
+void grow(std::vector<float>& buf, int64_t n) {
+  if (buf.size() < size_t(n)) buf.resize(size_t(n));
+}
+
 // (image, row, column) of consecutive pixels m0, m0 + 1, ... without a division per pixel.
 struct PixelWalk {
   int64_t n, y, x, height, width;
@@ -385,11 +392,11 @@ void run_on(const SparseGemm& g, int64_t rows, const OutRows& out, FillRows fill
       // stage, then writes it out along the pixels: whole cache lines instead
       // of a scattered store per tile row and column.
       const int64_t stage_ld = (blk1 - blk0) * g.width;
-      if (staged) stage.resize(size_t((m_end - m_begin) * stage_ld));
+      if (staged) grow(stage, (m_end - m_begin) * stage_ld);
       const Term* terms = g.terms.data();
       if (g.transposed_b) {  // B block [width][ldb_t] -> panel [k][width]
         const int64_t t0 = g.term_ptr[blk0], t1 = g.term_ptr[blk1];
-        panel.resize(size_t((t1 - t0) * g.ldb_t * g.width));
+        grow(panel, (t1 - t0) * g.ldb_t * g.width);
         packed_terms.assign(g.terms.begin() + t0, g.terms.begin() + t1);
         for (int64_t i = 0; i < t1 - t0; ++i) {
           float* dst = panel.data() + i * g.ldb_t * g.width;
@@ -613,7 +620,7 @@ void grad_values_blocks(const GradRows& a, const GradCols& b, int64_t ldb,
     const bool in_place = b.col_stride == 1 && col.last - col.first == 1;
     int64_t kc = 0;
     for (int64_t s = s0; s < s1; ++s) kc += tw.segs[s].k;
-    w.panel.resize(in_place ? 0 : size_t(kc * bi));
+    if (!in_place) grow(w.panel, kc * bi);
     w.terms.clear();
     float* dst = w.panel.data();
     for (int64_t s = s0; s < s1; ++s) {
@@ -623,6 +630,13 @@ void grad_values_blocks(const GradRows& a, const GradCols& b, int64_t ldb,
       if (in_place) continue;
       if (b.col_stride == 1) {  // channels contiguous: row by row
         for (int32_t kk = 0; kk < sg.k; ++kk, src += ldb, dst += bi) {
+          // Rows a pixel's channels apart (4 KB with 1024): the hardware
+          // prefetchers do not follow such strides, and this copy, the first
+          // read of x, waited for every row: 28% of a 1x1 1024 -> 256 @14
+          // channels_last grad-values with blocks of 16.  With these
+          // prefetches (and prefetch_b for blocks read in place) 9.8 -> 6.4 ms.
+          __builtin_prefetch(src + 8 * ldb);
+          if (bi > kLineFloats) __builtin_prefetch(src + 8 * ldb + bi - 1);
           if (valid == bi) {
             for (int64_t c = 0; c < bi; ++c) dst[c] = src[c];
           } else {
@@ -669,6 +683,7 @@ void grad_values_blocks(const GradRows& a, const GradCols& b, int64_t ldb,
         args.terms = w.terms.data();
         args.nterms = int64_t(w.terms.size());
         args.ldb = in_place ? ldb : bi;
+        args.prefetch_b = in_place;
         args.b_off = 0;
         args.bias = nullptr;
         args.c_rows = c_rows;

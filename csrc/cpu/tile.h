@@ -35,6 +35,10 @@ struct TileArgs {
   // the general registers the row pointers otherwise spill from.
   bool a_rows_adjacent = false;
   int64_t ldb;
+  // B rows read in place from an activation, a pixel's channels apart: each
+  // step prefetches the row 8 steps on (the hardware prefetchers do not
+  // follow strides of kilobytes)
+  bool prefetch_b = false;
   int64_t b_off;               // column offset added to every term's B
   const float* bias;           // `width` floats added at init, or nullptr
   float* const* c_rows;        // [tn] output row pointers
