@@ -410,18 +410,14 @@ void run_on(const SparseGemm& g, int64_t rows, const OutRows& out, FillRows fill
       const int32_t* segs = g.row_group ? &only_segment : groups.segs.data() + groups.seg_ptr[grp];
       const int64_t nsegs = g.row_group ? 1 : groups.seg_ptr[grp + 1] - groups.seg_ptr[grp];
       bool next_filled = false;  // a_next holds this tile's rows
-      // tiles of at most tr rows, as even as they divide (6 + 5 + 5, not 6 + 6 + 4)
-      const int64_t n_tiles = cdiv(m_end - m_begin, tr);
-      const auto tile_start = [&](int64_t i) { return m_begin + (m_end - m_begin) * i / n_tiles; };
-      for (int64_t ti = 0; ti < n_tiles; ++ti) {
-        const int64_t m0 = tile_start(ti);
-        const int tn = int(tile_start(ti + 1) - m0);
+      for (int64_t m0 = m_begin; m0 < m_end; m0 += tr) {
+        const int tn = int(std::min<int64_t>(tr, m_end - m0));
         if (next_filled)
           std::swap(a_rows, a_next);
         else
           fill_rows(m0, tn, segs, nsegs, a_rows.data());
         // the next tile's rows, prefetched a share per block of this one
-        const int tn_next = prefetch_rows && ti + 1 < n_tiles ? int(tile_start(ti + 2) - tile_start(ti + 1)) : 0;
+        const int tn_next = prefetch_rows ? int(std::min<int64_t>(tr, m_end - m0 - tn)) : 0;
         next_filled = tn_next > 0;
         if (next_filled) fill_rows(m0 + tn, tn_next, segs, nsegs, a_next.data());
         const BlockGroups::Line* next_lines = next_filled ? groups.lines.data() + groups.line_ptr[grp] : nullptr;
