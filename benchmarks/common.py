@@ -36,3 +36,11 @@ def run_suite(suite) -> None:
         sys.exit(suite.run(args))
     except ValueError as exc:
         parser.error(str(exc))
+
+
+def report(name: str, rows, columns, out_dir: str, notes: str) -> int:
+    """Write ``name``.json and ``name``.md under ``out_dir``, print the table and where it went; exit status 0."""
+    paths = write_results(name, rows, columns, out_dir, notes)
+    print(markdown_table(rows, columns))
+    print(f"\nwrote {paths['json']} and {paths['md']}")
+    return 0

@@ -19,7 +19,7 @@ import sys
 
 import torch
 
-from common import ROOT, median_seconds, progress, write_results
+from common import ROOT, median_seconds, progress, report
 
 import freetickets_kernels as ftk  # noqa: E402
 from freetickets_kernels.bench import kernels  # noqa: E402
@@ -78,12 +78,7 @@ def main(argv=None) -> int:
              f"{args.repeats}.  copy_*: one copy of the op's input, live values and result in that dtype; "
              "widen_input: the input cast from bf16 to float32; bound = (copy_fp32 - copy_bf16) / ours_fp32, "
              "the most a bf16 path without bf16 arithmetic could save.")
-    paths = write_results("cpu_bf16_headroom", rows, columns, args.out, notes)
-    from common import markdown_table
-
-    print(markdown_table(rows, columns))
-    print(f"\nwrote {paths['json']} and {paths['md']}")
-    return 0
+    return report("cpu_bf16_headroom", rows, columns, args.out, notes)
 
 
 if __name__ == "__main__":

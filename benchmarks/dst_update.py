@@ -18,7 +18,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from common import ROOT, progress, write_results
+from common import ROOT, progress, report
 
 import freetickets_kernels as ftk  # noqa: E402
 
@@ -68,12 +68,7 @@ def main(argv=None) -> int:
     notes = (f"float32, {torch.get_num_threads()} threads, median of {args.repeats}; a step is forward + backward "
              "+ SGD; an update prunes 30% of every sparse layer's blocks and regrows as many "
              "(gradient: RigL, from the captured batch; random: SET).")
-    paths = write_results("dst_update", rows, columns, args.out, notes)
-    from common import markdown_table
-
-    print(markdown_table(rows, columns))
-    print(f"\nwrote {paths['json']} and {paths['md']}")
-    return 0
+    return report("dst_update", rows, columns, args.out, notes)
 
 
 if __name__ == "__main__":
