@@ -12,6 +12,9 @@
 namespace ftk_cpu {
 
 constexpr int kMaxTileRows = 16;
+// How many reduction steps ahead strided rows are prefetched (the kernel's A
+// and B rows, grad-values' packing copy).
+constexpr int kPrefetchSteps = 8;
 
 struct Term {
   int32_t seg;     // which set of A row pointers: a conv tap, 0 for linear
@@ -36,8 +39,8 @@ struct TileArgs {
   bool a_rows_adjacent = false;
   int64_t ldb;
   // B rows read in place from an activation, a pixel's channels apart: each
-  // step prefetches the row 8 steps on (the hardware prefetchers do not
-  // follow strides of kilobytes)
+  // step prefetches the row kPrefetchSteps on (the hardware prefetchers do
+  // not follow strides of kilobytes)
   bool prefetch_b = false;
   int64_t b_off;               // column offset added to every term's B
   const float* bias;           // `width` floats added at init, or nullptr
