@@ -12,6 +12,7 @@
 namespace ftk_cpu {
 
 constexpr int kMaxTileRows = 16;
+constexpr int64_t kLineFloats = 64 / sizeof(float);  // a cache line
 // How many reduction steps ahead strided rows are prefetched (the kernel's A
 // and B rows, grad-values' packing copy).
 constexpr int kPrefetchSteps = 8;
@@ -42,6 +43,10 @@ struct TileArgs {
   // step prefetches the row kPrefetchSteps on (the hardware prefetchers do
   // not follow strides of kilobytes)
   bool prefetch_b = false;
+  // A rows (a_stride 1) that each term reads from another place in memory,
+  // a jump the hardware prefetchers do not foresee: each term prefetches the
+  // rows of the term this many on (0: none)
+  int a_terms_ahead = 0;
   int64_t b_off;               // column offset added to every term's B
   const float* bias;           // `width` floats added at init, or nullptr
   float* const* c_rows;        // [tn] output row pointers
