@@ -748,9 +748,10 @@ struct WeightsFirst {
   // reads them again for every image): a tile's rows of one block are a few
   // lines, then the next live block lies anywhere, so each term waited for
   // memory.  Tiles prefetch the blocks about kValuesAheadSteps reduction
-  // steps on.  32 tokens 4096 -> 4096, density 0.3, blocks of 32: 6.2 -> 4.0 ms
-  // (16 / 64: 0.76 / 0.62x the time; at density 0.1 0.7-0.9x).  Convs on
-  // planes gained nothing clear.
+  // steps on.  32 tokens 4096 -> 4096, density 0.3, blocks of 16/32/64:
+  // 0.83/0.83/0.73x the time (A/B, builds alternating in separate processes);
+  // 0.5: 0.73x; 0.1 and 0.05: 0.88-1.11x, within this VM's noise.  Convs on planes
+  // gained nothing clear.
   bool values_from_memory = false;
 };
 
