@@ -67,9 +67,18 @@ def _extensions():
 
 ext_modules, cmdclass = _extensions()
 
+
+def _version() -> str:
+    """__version__ from freetickets_kernels/_version.py, without importing the package."""
+    scope: dict = {}
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "freetickets_kernels", "_version.py")) as f:
+        exec(f.read(), scope)
+    return scope["__version__"]
+
+
 setup(
     name="freetickets-kernels",
-    version="0.1.0",
+    version=_version(),
     description="Block-sparse CPU/GPU kernels for fast sparse networks, and FreeTickets ensembles",
     long_description=open(os.path.join(ROOT, "README.md")).read() if os.path.exists(os.path.join(ROOT, "README.md")) else "",
     long_description_content_type="text/markdown",
@@ -78,7 +87,7 @@ setup(
     install_requires=["torch>=2.4", "numpy"],
     extras_require={"test": ["pytest", "hypothesis"],
                     "train": ["scikit-learn", "matplotlib", "torchvision"]},
-    entry_points={"console_scripts": ["freetickets=freetickets_kernels.cli:main"]},
+    entry_points={"console_scripts": ["freetickets=freetickets_kernels.app.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     zip_safe=False,

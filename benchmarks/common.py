@@ -14,10 +14,10 @@ from typing import Sequence
 ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(ROOT))  # run from a checkout without installing
 
-from freetickets_kernels.machine import machine_info  # noqa: E402,F401
-from freetickets_kernels.progress import Progress  # noqa: E402
-from freetickets_kernels.results import markdown_table, write_results  # noqa: E402,F401
-from freetickets_kernels.timing import median_seconds  # noqa: E402,F401
+from freetickets_kernels.app.machine import machine_info  # noqa: E402,F401
+from freetickets_kernels.app.progress import Progress  # noqa: E402
+from freetickets_kernels.app.results import markdown_table, write_results  # noqa: E402,F401
+from freetickets_kernels.app.timing import median_seconds  # noqa: E402,F401
 
 
 def progress(items: Sequence, label: str):
@@ -26,7 +26,7 @@ def progress(items: Sequence, label: str):
 
 
 def run_suite(suite) -> None:
-    """Run a suite of ``freetickets_kernels.bench`` as a script writing to benchmarks/results/."""
+    """Run a suite of ``freetickets_kernels.app.bench`` as a script writing to benchmarks/results/."""
     import argparse
 
     parser = argparse.ArgumentParser(description=suite.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -22,7 +22,7 @@ import torch
 from common import ROOT, median_seconds, progress, report
 
 import freetickets_kernels as ftk  # noqa: E402
-from freetickets_kernels.bench import kernels  # noqa: E402
+from freetickets_kernels.app.bench import kernels  # noqa: E402
 from freetickets_kernels.layout import BlockSparseLayout  # noqa: E402
 
 

@@ -5,7 +5,7 @@
 
 from common import run_suite
 
-from freetickets_kernels.bench import kernels  # noqa: E402  (common puts the checkout on the path)
+from freetickets_kernels.app.bench import kernels  # noqa: E402  (common puts the checkout on the path)
 
 if __name__ == "__main__":
     run_suite(kernels)

@@ -1,10 +1,15 @@
 """freetickets-kernels: block-sparse kernels that make sparse networks fast,
-and FreeTickets ensembles trained on top of them."""
+and FreeTickets ensembles trained on top of them.
 
-__version__ = "0.1.0"
+This package root is the library core's front: it never imports the
+application (``freetickets_kernels.app``: the ``freetickets`` command, the
+benchmark suites, training runs with checkpoints and result files).
+"""
+
+from ._version import __version__
 
 # flops: registers our ops' formulas with torch.utils.flop_counter on import
-from . import checkpoint, flops, ops
+from . import flops, ops
 from .backends import (
     BackendUnavailableError,
     ReferenceBackendWarning,
@@ -23,8 +28,8 @@ __all__ = [
     "ReferenceBackendWarning",
     "SparseConv2d",
     "SparseLinear",
+    "__version__",
     "available_backends",
-    "checkpoint",
     "block_sparse_conv2d",
     "block_sparse_linear",
     "dense_grad_block_norms",

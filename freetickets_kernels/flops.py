@@ -153,34 +153,34 @@ def _blocks(values_shape) -> int:
     return values_shape[0] * values_shape[1] * values_shape[2]
 
 
-@register_flop_formula(torch.ops.freetickets.bsr_linear)
-def _bsr_linear_flops(x_shape, values_shape, *args, out_shape=None, **kwargs) -> int:
+@register_flop_formula(torch.ops.freetickets.linear_forward)
+def _linear_forward_flops(x_shape, values_shape, *args, out_shape=None, **kwargs) -> int:
     return 2 * x_shape[0] * _blocks(values_shape)
 
 
-@register_flop_formula(torch.ops.freetickets.bsr_linear_grad_input)
-def _bsr_linear_grad_input_flops(grad_shape, values_shape, *args, out_shape=None, **kwargs) -> int:
+@register_flop_formula(torch.ops.freetickets.linear_grad_input)
+def _linear_grad_input_flops(grad_shape, values_shape, *args, out_shape=None, **kwargs) -> int:
     return 2 * grad_shape[0] * _blocks(values_shape)
 
 
-@register_flop_formula(torch.ops.freetickets.bsr_linear_grad_values)
-def _bsr_linear_grad_values_flops(grad_shape, x_shape, row_ptr, col_idx_shape, slot, block_size,
+@register_flop_formula(torch.ops.freetickets.linear_grad_values)
+def _linear_grad_values_flops(grad_shape, x_shape, row_ptr, col_idx_shape, slot, block_size,
                                   out_shape=None, **kwargs) -> int:
     return 2 * grad_shape[0] * col_idx_shape[0] * block_size[0] * block_size[1]
 
 
-@register_flop_formula(torch.ops.freetickets.bsr_conv2d)
-def _bsr_conv2d_flops(x_shape, values_shape, *args, out_shape=None, **kwargs) -> int:
+@register_flop_formula(torch.ops.freetickets.conv2d_forward)
+def _conv2d_forward_flops(x_shape, values_shape, *args, out_shape=None, **kwargs) -> int:
     return 2 * out_shape[0] * out_shape[2] * out_shape[3] * _blocks(values_shape)
 
 
-@register_flop_formula(torch.ops.freetickets.bsr_conv2d_grad_input)
-def _bsr_conv2d_grad_input_flops(grad_shape, values_shape, *args, out_shape=None, **kwargs) -> int:
+@register_flop_formula(torch.ops.freetickets.conv2d_grad_input)
+def _conv2d_grad_input_flops(grad_shape, values_shape, *args, out_shape=None, **kwargs) -> int:
     return 2 * grad_shape[0] * grad_shape[2] * grad_shape[3] * _blocks(values_shape)
 
 
-@register_flop_formula(torch.ops.freetickets.bsr_conv2d_grad_values)
-def _bsr_conv2d_grad_values_flops(grad_shape, x_shape, row_ptr, col_idx_shape, slot, block_size,
+@register_flop_formula(torch.ops.freetickets.conv2d_grad_values)
+def _conv2d_grad_values_flops(grad_shape, x_shape, row_ptr, col_idx_shape, slot, block_size,
                                   *args, out_shape=None, **kwargs) -> int:
     return 2 * grad_shape[0] * grad_shape[2] * grad_shape[3] * col_idx_shape[0] * block_size[0] * block_size[1]
 

@@ -439,8 +439,8 @@ def to_gemm_blocks(weight: torch.Tensor, block_size: Tuple[int, int]) -> torch.T
     pad_i = -cin % bi
     gemm = torch.nn.functional.pad(gemm, (0, pad_i, 0, 0, 0, pad_o))
     r, taps = gemm.shape[0] // bo, gemm.shape[1]
-    cbpt = gemm.shape[2] // bi
-    return gemm.reshape(r, bo, taps * cbpt, bi).permute(0, 2, 1, 3)
+    blocks_per_tap = gemm.shape[2] // bi
+    return gemm.reshape(r, bo, taps * blocks_per_tap, bi).permute(0, 2, 1, 3)
 
 
 def from_gemm_blocks(blocks: torch.Tensor, weight_shape: Tuple[int, ...]) -> torch.Tensor:

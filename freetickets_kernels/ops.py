@@ -3,7 +3,11 @@
 The custom ops (namespace ``freetickets``) take only tensors and ints so that
 ``torch.compile`` can trace them through their fake kernels.  The friendly
 functions at the bottom take a :class:`BlockSparseLayout`, validate, and call
-them.  Each op asks :func:`backends.select` for a backend per call.
+them.  Each op asks :func:`backends.select` for a backend per call and calls
+the backend function of the same name: ``freetickets::linear_forward``,
+``linear_grad_input``, ``linear_grad_values``, ``linear_grad_block_norms``,
+``conv2d_forward``, ``conv2d_grad_input``, ``conv2d_grad_values`` and
+``conv2d_grad_block_norms`` (as ``torch.ops.freetickets_cpu`` names them too).
 """
 
 from __future__ import annotations
@@ -35,8 +39,8 @@ def _impl(t: Tensor):
 # --------------------------------------------------------------------- linear
 
 
-@torch.library.custom_op("freetickets::bsr_linear", mutates_args=())
-def bsr_linear(
+@torch.library.custom_op("freetickets::linear_forward", mutates_args=())
+def linear_forward(
     x: Tensor,
     values: Tensor,
     row_ptr: Tensor,
@@ -52,33 +56,33 @@ def bsr_linear(
     return _impl(x).linear_forward(x, values, row_ptr, col_idx, slot, bias, out_features)
 
 
-@bsr_linear.register_fake
+@linear_forward.register_fake
 def _(x, values, row_ptr, col_idx, slot, col_ptr, row_idx, tslot, bias, out_features):
     return x.new_empty(x.shape[0], out_features)
 
 
-@torch.library.custom_op("freetickets::bsr_linear_grad_input", mutates_args=())
-def bsr_linear_grad_input(
+@torch.library.custom_op("freetickets::linear_grad_input", mutates_args=())
+def linear_grad_input(
     grad_out: Tensor, values: Tensor, col_ptr: Tensor, row_idx: Tensor, tslot: Tensor, in_features: int
 ) -> Tensor:
     """``dx = dy @ W`` through the transposed (column-major) indices."""
     return _impl(grad_out).linear_grad_input(grad_out, values, col_ptr, row_idx, tslot, in_features)
 
 
-@bsr_linear_grad_input.register_fake
+@linear_grad_input.register_fake
 def _(grad_out, values, col_ptr, row_idx, tslot, in_features):
     return grad_out.new_empty(grad_out.shape[0], in_features)
 
 
-@torch.library.custom_op("freetickets::bsr_linear_grad_values", mutates_args=())
-def bsr_linear_grad_values(
+@torch.library.custom_op("freetickets::linear_grad_values", mutates_args=())
+def linear_grad_values(
     grad_out: Tensor, x: Tensor, row_ptr: Tensor, col_idx: Tensor, slot: Tensor, block_size: List[int]
 ) -> Tensor:
     """``dW = dy.T @ x`` at the live blocks only, as ``[nnzb, Bo, Bi]`` in slot order."""
     return _impl(x).linear_grad_values(grad_out, x, row_ptr, col_idx, slot, block_size)
 
 
-@bsr_linear_grad_values.register_fake
+@linear_grad_values.register_fake
 def _(grad_out, x, row_ptr, col_idx, slot, block_size):
     return x.new_empty(col_idx.shape[0], block_size[0], block_size[1])
 
@@ -95,22 +99,22 @@ def _linear_backward(ctx, grad):
     dx = dv = db = None
     grad = grad.contiguous()  # once for both ops (a no-op but for odd grads, such as y.sum()'s)
     if need[0]:
-        dx = bsr_linear_grad_input(grad, values, col_ptr, row_idx, tslot, x.shape[1])
+        dx = linear_grad_input(grad, values, col_ptr, row_idx, tslot, x.shape[1])
     if need[1]:
-        dv = bsr_linear_grad_values(grad, x, row_ptr, col_idx, slot, list(values.shape[1:]))
+        dv = linear_grad_values(grad, x, row_ptr, col_idx, slot, list(values.shape[1:]))
     if ctx.has_bias and need[8]:
         db = grad.sum(0)
     return dx, dv, None, None, None, None, None, None, db, None
 
 
-bsr_linear.register_autograd(_linear_backward, setup_context=_linear_setup)
+linear_forward.register_autograd(_linear_backward, setup_context=_linear_setup)
 
 
 # --------------------------------------------------------------------- conv2d
 
 
-@torch.library.custom_op("freetickets::bsr_conv2d", mutates_args=())
-def bsr_conv2d(
+@torch.library.custom_op("freetickets::conv2d_forward", mutates_args=())
+def conv2d_forward(
     x: Tensor,
     values: Tensor,
     row_ptr: Tensor,
@@ -132,15 +136,15 @@ def bsr_conv2d(
     )
 
 
-@bsr_conv2d.register_fake
+@conv2d_forward.register_fake
 def _(x, values, row_ptr, col_idx, slot, col_ptr, row_idx, tslot, bias, out_channels,
       kernel_size, stride, padding, dilation):
     oh, ow = conv_output_size(tuple(x.shape[2:]), kernel_size, stride, padding, dilation)
     return x.new_empty(x.shape[0], out_channels, oh, ow).contiguous(memory_format=conv_memory_format(x))
 
 
-@torch.library.custom_op("freetickets::bsr_conv2d_grad_input", mutates_args=())
-def bsr_conv2d_grad_input(
+@torch.library.custom_op("freetickets::conv2d_grad_input", mutates_args=())
+def conv2d_grad_input(
     grad_out: Tensor,
     values: Tensor,
     col_ptr: Tensor,
@@ -157,13 +161,13 @@ def bsr_conv2d_grad_input(
     )
 
 
-@bsr_conv2d_grad_input.register_fake
+@conv2d_grad_input.register_fake
 def _(grad_out, values, col_ptr, row_idx, tslot, input_size, kernel_size, stride, padding, dilation):
     return grad_out.new_empty(input_size).contiguous(memory_format=conv_memory_format(grad_out))
 
 
-@torch.library.custom_op("freetickets::bsr_conv2d_grad_values", mutates_args=())
-def bsr_conv2d_grad_values(
+@torch.library.custom_op("freetickets::conv2d_grad_values", mutates_args=())
+def conv2d_grad_values(
     grad_out: Tensor,
     x: Tensor,
     row_ptr: Tensor,
@@ -180,7 +184,7 @@ def bsr_conv2d_grad_values(
     )
 
 
-@bsr_conv2d_grad_values.register_fake
+@conv2d_grad_values.register_fake
 def _(grad_out, x, row_ptr, col_idx, slot, block_size, kernel_size, stride, padding, dilation):
     return x.new_empty(col_idx.shape[0], block_size[0], block_size[1])
 
@@ -201,11 +205,11 @@ def _conv_backward(ctx, grad):
     grad = grad.contiguous(memory_format=conv_memory_format(x))
     dx = dv = db = None
     if need[0]:
-        dx = bsr_conv2d_grad_input(
+        dx = conv2d_grad_input(
             grad, values, col_ptr, row_idx, tslot, list(x.shape), *ctx.geometry
         )
     if need[1]:
-        dv = bsr_conv2d_grad_values(
+        dv = conv2d_grad_values(
             grad, x, row_ptr, col_idx, slot, list(values.shape[1:]), *ctx.geometry
         )
     if ctx.has_bias and need[8]:
@@ -213,7 +217,7 @@ def _conv_backward(ctx, grad):
     return (dx, dv) + (None,) * 6 + (db,) + (None,) * 5
 
 
-bsr_conv2d.register_autograd(_conv_backward, setup_context=_conv_setup)
+conv2d_forward.register_autograd(_conv_backward, setup_context=_conv_setup)
 
 
 # ------------------------------------------------------------ RigL gradients
@@ -268,7 +272,7 @@ def block_sparse_linear(
     check_operands(op, x, values, layout, bias)
     check_linear_input(x, layout, op)
     lead = x.shape[:-1]
-    y = bsr_linear(
+    y = linear_forward(
         x.reshape(-1, layout.in_features), values, *layout.indices.as_tuple(), bias,
         layout.out_features,
     )
@@ -296,7 +300,7 @@ def block_sparse_conv2d(
     if unbatched:
         x = x.unsqueeze(0)
     check_conv_input(x, layout, s, p, d, op)
-    y = bsr_conv2d(
+    y = conv2d_forward(
         x, values, *layout.indices.as_tuple(), bias, layout.out_features,
         list(layout.kernel_size), list(s), list(p), list(d),
     )

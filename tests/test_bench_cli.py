@@ -2,7 +2,7 @@
 
 import pytest
 
-from freetickets_kernels.cli import main
+from freetickets_kernels.app.cli import main
 
 
 def _exit_code(argv):
@@ -38,7 +38,7 @@ def test_bench_help_teaches(capsys):
 def test_interleaved_timing_calls_each_function_in_turn(monkeypatch):
     # every round runs all functions once, in order, after the warm-up rounds; each
     # function's median is of its own times (a fake clock: each call takes its index + 1)
-    from freetickets_kernels import timing
+    from freetickets_kernels.app import timing
 
     calls, clock = [], [0.0]
 

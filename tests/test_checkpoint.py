@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import freetickets_kernels as ftk
-from freetickets_kernels.checkpoint import CheckpointError, load, load_model_state, save
+from freetickets_kernels.app.checkpoint import CheckpointError, load, load_model_state, save
 
 
 def _model():

@@ -4,7 +4,7 @@ import json
 import subprocess
 import sys
 
-from freetickets_kernels import cli
+from freetickets_kernels.app import cli
 
 
 def test_info_lists_backends(capsys):
@@ -36,6 +36,6 @@ def test_bad_forced_backend_is_a_one_line_error(monkeypatch, capsys):
 
 def test_console_script_module_runs():
     out = subprocess.run(
-        [sys.executable, "-m", "freetickets_kernels.cli", "--help"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "freetickets_kernels.app.cli", "--help"], capture_output=True, text=True, check=True
     ).stdout
     assert "freetickets" in out and "info" in out

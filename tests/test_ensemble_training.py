@@ -6,8 +6,9 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from freetickets_kernels import checkpoint
-from freetickets_kernels.ensemble import PlanRunner, TrainConfig, edst_plan, step_lrs
+from freetickets_kernels.app import checkpoint
+from freetickets_kernels.app.training import PlanRunner, TrainConfig
+from freetickets_kernels.ensemble import edst_plan, step_lrs
 from freetickets_kernels.models import SmallResNet
 
 

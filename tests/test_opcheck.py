@@ -32,12 +32,12 @@ def _conv_args(dtype, grad):
 def test_opcheck_linear(backend, grad):
     layout, x, v, b = _linear_args(torch.float32, grad)
     with ftk.use_backend(backend):
-        torch.library.opcheck(ops.bsr_linear, (x, v, *layout.indices.as_tuple(), b, 10))
+        torch.library.opcheck(ops.linear_forward, (x, v, *layout.indices.as_tuple(), b, 10))
         if not grad:
             ix = layout.indices
             dy = torch.randn(5, 10)
-            torch.library.opcheck(ops.bsr_linear_grad_input, (dy, v, ix.col_ptr, ix.row_idx, ix.tslot, 7))
-            torch.library.opcheck(ops.bsr_linear_grad_values, (dy, x, ix.row_ptr, ix.col_idx, ix.slot, [4, 3]))
+            torch.library.opcheck(ops.linear_grad_input, (dy, v, ix.col_ptr, ix.row_idx, ix.tslot, 7))
+            torch.library.opcheck(ops.linear_grad_values, (dy, x, ix.row_ptr, ix.col_idx, ix.slot, [4, 3]))
             torch.library.opcheck(ops.linear_grad_block_norms, (dy, x, [4, 3]))
 
 
@@ -47,16 +47,16 @@ def test_opcheck_conv2d(backend, grad):
     layout, x, v, b = _conv_args(torch.float32, grad)
     geo = ([3, 3], [2, 1], [1, 1], [1, 2])
     with ftk.use_backend(backend):
-        torch.library.opcheck(ops.bsr_conv2d, (x, v, *layout.indices.as_tuple(), b, 6, *geo))
+        torch.library.opcheck(ops.conv2d_forward, (x, v, *layout.indices.as_tuple(), b, 6, *geo))
         if not grad:
             ix = layout.indices
-            y = ops.bsr_conv2d(x, v, *ix.as_tuple(), b, 6, *geo)
+            y = ops.conv2d_forward(x, v, *ix.as_tuple(), b, 6, *geo)
             dy = torch.randn_like(y)
             torch.library.opcheck(
-                ops.bsr_conv2d_grad_input, (dy, v, ix.col_ptr, ix.row_idx, ix.tslot, list(x.shape), *geo)
+                ops.conv2d_grad_input, (dy, v, ix.col_ptr, ix.row_idx, ix.tslot, list(x.shape), *geo)
             )
             torch.library.opcheck(
-                ops.bsr_conv2d_grad_values, (dy, x, ix.row_ptr, ix.col_idx, ix.slot, [4, 2], *geo)
+                ops.conv2d_grad_values, (dy, x, ix.row_ptr, ix.col_idx, ix.slot, [4, 2], *geo)
             )
             torch.library.opcheck(ops.conv2d_grad_block_norms, (dy, x, [4, 2], *geo))
 
@@ -74,7 +74,7 @@ def test_opcheck_conv2d_channels_last(backend):
     x = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
     geo = ([3, 3], [1, 1], [1, 1], [1, 1])
     with ftk.use_backend(backend):
-        torch.library.opcheck(ops.bsr_conv2d, (x, v, *layout.indices.as_tuple(), b, 6, *geo))
+        torch.library.opcheck(ops.conv2d_forward, (x, v, *layout.indices.as_tuple(), b, 6, *geo))
         y = ftk.block_sparse_conv2d(x, v, layout, b, 1, 1)
         assert y.is_contiguous(memory_format=torch.channels_last)
         y.sum().backward()

@@ -2,8 +2,8 @@
 
 import io
 
-import freetickets_kernels.progress as progress_module
-from freetickets_kernels.progress import Progress
+import freetickets_kernels.app.progress as progress_module
+from freetickets_kernels.app.progress import Progress
 
 
 class FakeClock:

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from freetickets_kernels.cli import main
+from freetickets_kernels.app.cli import main
 
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
@@ -67,3 +67,24 @@ def test_train_help_teaches(capsys):
     text = capsys.readouterr().out
     for text_piece in ("--resume", "--method", "edst", "digits", "torchrun", "reliability.png"):
         assert text_piece in text
+
+
+def test_train_help_defaults_come_from_the_presets(capsys):
+    import re
+
+    from freetickets_kernels.app.train_command import PRESETS
+    from freetickets_kernels.dst import DISTRIBUTIONS, GROWTH
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines wherever it likes
+    options = text[text.index("what to train:"):text.index("examples:")]
+    for flag, key in (("--epochs", "epochs"), ("--explore-epochs", "explore_epochs"),
+                      ("--batch-size", "batch_size"), ("--update-interval", "update_interval")):
+        help_text = re.search(rf"{flag} [A-Z_]+ (.*?)(?= --|$)", options).group(1)
+        default = re.search(r"\(default ([^()]*)\)", help_text).group(1)
+        shown = {dataset: int(value) for value, datasets in re.findall(r"(\d+) on ([a-z0-9, ]+)", default)
+                 for dataset in datasets.replace(",", " ").split()}
+        assert shown == {dataset: preset[key] for dataset, preset in PRESETS.items()}, (flag, help_text)
+    for flag, names in (("--distribution", DISTRIBUTIONS), ("--growth", GROWTH)):
+        assert f"{flag} {{{','.join(names)}}}" in options

@@ -2,9 +2,12 @@
 // weight (a linear layer is the 1x1 conv of 1x1 images).  Same decomposition as
 // the Triton backend (freetickets_kernels/backends/implicit_gemm.py):
 //
-//   forward      y[m, r-block]  = sum over live (r, c) of x_tap(c)[m, cb(c)] @ values[slot]^T
-//   grad_input   dx[m, cb]      = sum over taps t, live (r, t*CBPT + cb) of dy_t[m, r-block] @ values[tslot]
-//   grad_blocks  listed blocks of dy^T @ x_tap, reduced over output pixels (split in ranges)
+//   conv2d_forward      y[m, r-block] = sum over live (r, c) of x_tap(c)[m, cb(c)] @ values[slot]^T
+//   conv2d_grad_input   dx[m, cb]     = sum over taps t, live (r, t*blocks_per_tap + cb) of
+//                                       dy_t[m, r-block] @ values[tslot]
+//   conv2d_grad_blocks  listed blocks of dy^T @ x_tap, reduced over output pixels (split in ranges)
+//
+// where weight block column c is channel block cb(c) = c % blocks_per_tap at tap c / blocks_per_tap.
 //
 // Activations are read through their four (n, c, h, w) strides: NCHW and
 // channels_last alike, never copied.  Operand tiles are gathered into shared
@@ -16,6 +19,8 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <limits>
+
 #include "kernels.h"
 #include "tile_mma.cuh"
 
@@ -26,26 +31,74 @@
 namespace ftk_cuda {
 namespace {
 
-// Geometry of one call, as built by ImplicitGemmOps (shape_args + strides).
-struct Geometry {
-  int64_t m;  // rows of the GEMM: output pixels (forward, grad_blocks) or input pixels (grad_input)
-  int cin, h, w, cout, oh, ow, kh, kw, cbpt, sh, sw, ph, pw, dh, dw;
-  int64_t sa[4];  // (n, c, h, w) strides of the first activation (x; dy)
-  int64_t sb[4];  // strides of the second (y; dx; x)
+int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// One call's convolution in the kernels' terms, read off its two activations
+// and the named conv arguments of the op.  The field names are those of
+// ConvProblem and of the Triton kernels' arguments (upper case there), see
+// freetickets_kernels/backends/implicit_gemm.py; tests/test_implicit_gemm.py
+// checks this field list against ConvProblem.kernel_args.
+struct ConvGeometry {
+  int n, cin, h, w, cout, oh, ow, kh, kw, blocks_per_tap, sh, sw, ph, pw, dh, dw;
+  int64_t sx[4];  // (n, c, h, w) strides of the input-side activation (x; dx)
+  int64_t sy[4];  // (n, c, h, w) strides of the output-side activation (y; dy)
+
+  int64_t in_pixels() const { return static_cast<int64_t>(n) * h * w; }
+  int64_t out_pixels() const { return static_cast<int64_t>(n) * oh * ow; }
 };
 
-Geometry make_geometry(c10::IntArrayRef g) {
-  TORCH_CHECK(g.size() == 24, "freetickets_cuda: geometry needs 24 ints, got ", g.size());
-  Geometry o;
-  o.m = g[0];
-  int* f[] = {&o.cin, &o.h, &o.w, &o.cout, &o.oh, &o.ow, &o.kh, &o.kw, &o.cbpt,
-              &o.sh, &o.sw, &o.ph, &o.pw, &o.dh, &o.dw};
-  for (int i = 0; i < 15; ++i) *f[i] = static_cast<int>(g[1 + i]);
-  for (int i = 0; i < 4; ++i) {
-    o.sa[i] = g[16 + i];
-    o.sb[i] = g[20 + i];
-  }
-  return o;
+// (n, c, h, w) element strides of a 4-D activation, or of a 2-D one [N, C] as [N, C, 1, 1].
+void nchw_strides(const at::Tensor& t, int64_t* s) {
+  for (int i = 0; i < 4; ++i) s[i] = i < t.dim() ? t.stride(i) : 0;
+}
+
+int checked_pair(c10::IntArrayRef v, int i, const char* name, int64_t least) {
+  TORCH_CHECK(v.size() == 2 && v[0] >= least && v[1] >= least && v[0] <= (1 << 20) && v[1] <= (1 << 20),
+              "freetickets_cuda: bad ", name, " ", v);
+  return static_cast<int>(v[i]);
+}
+
+// `input` is x or dx ([N, Cin, H, W], or [N, Cin] for a linear layer), `output`
+// y or dy ([N, Cout, OH, OW] or [N, Cout]); Bi = block_in input channels per block.
+ConvGeometry conv_geometry(const at::Tensor& input, const at::Tensor& output, c10::IntArrayRef kernel_size,
+                           c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation,
+                           int64_t block_in) {
+  TORCH_CHECK(input.dim() == output.dim() && (input.dim() == 4 || input.dim() == 2),
+              "freetickets_cuda: activations must be both [N, C, H, W] or both [N, C], got ", input.sizes(),
+              " and ", output.sizes());
+  TORCH_CHECK(input.size(0) == output.size(0), "freetickets_cuda: batch ", input.size(0), " in, ",
+              output.size(0), " out");
+  TORCH_CHECK(block_in >= 1, "freetickets_cuda: bad block size ", block_in);
+  for (const at::Tensor* t : {&input, &output})
+    for (int64_t d : t->sizes())
+      TORCH_CHECK(d <= std::numeric_limits<int>::max(), "freetickets_cuda: dimension ", d, " too large");
+  const bool image = input.dim() == 4;
+  ConvGeometry g;
+  g.n = static_cast<int>(input.size(0));
+  g.cin = static_cast<int>(input.size(1));
+  g.h = image ? static_cast<int>(input.size(2)) : 1;
+  g.w = image ? static_cast<int>(input.size(3)) : 1;
+  g.cout = static_cast<int>(output.size(1));
+  g.oh = image ? static_cast<int>(output.size(2)) : 1;
+  g.ow = image ? static_cast<int>(output.size(3)) : 1;
+  g.kh = checked_pair(kernel_size, 0, "kernel_size", 1);
+  g.kw = checked_pair(kernel_size, 1, "kernel_size", 1);
+  g.blocks_per_tap = static_cast<int>(cdiv(g.cin, block_in));
+  g.sh = checked_pair(stride, 0, "stride", 1);
+  g.sw = checked_pair(stride, 1, "stride", 1);
+  g.ph = checked_pair(padding, 0, "padding", 0);
+  g.pw = checked_pair(padding, 1, "padding", 0);
+  g.dh = checked_pair(dilation, 0, "dilation", 1);
+  g.dw = checked_pair(dilation, 1, "dilation", 1);
+  const int64_t span_h = static_cast<int64_t>(g.h) + 2 * g.ph - static_cast<int64_t>(g.dh) * (g.kh - 1) - 1;
+  const int64_t span_w = static_cast<int64_t>(g.w) + 2 * g.pw - static_cast<int64_t>(g.dw) * (g.kw - 1) - 1;
+  TORCH_CHECK(span_h >= 0 && span_w >= 0 && g.oh == span_h / g.sh + 1 && g.ow == span_w / g.sw + 1,
+              "freetickets_cuda: output ", output.sizes(), " is not the conv of input ", input.sizes(),
+              " (kernel_size ", kernel_size, ", stride ", stride, ", padding ", padding, ", dilation ", dilation,
+              ")");
+  nchw_strides(input, g.sx);
+  nchw_strides(output, g.sy);
+  return g;
 }
 
 __device__ __forceinline__ int64_t offset(const int64_t* s, int64_t n, int64_t c, int64_t y, int64_t x) {
@@ -85,7 +138,7 @@ template <typename T>
 __global__ void __launch_bounds__(THREADS) forward_kernel(
     const T* __restrict__ x, const T* __restrict__ values, const int* __restrict__ row_ptr,
     const int* __restrict__ col_idx, const int* __restrict__ slot, const T* __restrict__ bias,
-    T* __restrict__ y, Geometry g, int bo, int bi) {
+    T* __restrict__ y, ConvGeometry g, int64_t pixels, int bo, int bi) {
   __shared__ TileSmem<T> sm;
   __shared__ int64_t row_n[TM];
   __shared__ int row_oh[TM], row_ow[TM];
@@ -96,17 +149,17 @@ __global__ void __launch_bounds__(THREADS) forward_kernel(
   if (tid < TM) {
     const int64_t m = m0 + tid;
     const int64_t hw = static_cast<int64_t>(g.oh) * g.ow;
-    row_n[tid] = m < g.m ? m / hw : -1;  // -1: past the last pixel
+    row_n[tid] = m < pixels ? m / hw : -1;  // -1: past the last pixel
     row_oh[tid] = static_cast<int>((m % hw) / g.ow);
     row_ow[tid] = static_cast<int>(m % g.ow);
   }
-  const bool x_channels_fast = g.sa[1] == 1;
+  const bool x_channels_fast = g.sx[1] == 1;
   TileMma<T> mma;
   mma.zero();
   for (int p = row_ptr[r]; p < row_ptr[r + 1]; ++p) {
     const int c = col_idx[p];
     const T* blk = values + static_cast<int64_t>(slot[p]) * bo * bi;
-    const int tap = c / g.cbpt, ch0 = (c % g.cbpt) * bi;
+    const int tap = c / g.blocks_per_tap, ch0 = (c % g.blocks_per_tap) * bi;
     const int ki = tap / g.kw, kj = tap % g.kw;
     for (int k0 = 0; k0 < bi; k0 += TK) {
       __syncthreads();  // previous step done with the tiles (and row_* written)
@@ -118,7 +171,7 @@ __global__ void __launch_bounds__(THREADS) forward_kernel(
         const int iw = row_ow[row] * g.sw - g.pw + kj * g.dw;
         const bool ok = row_n[row] >= 0 && k0 + k < bi && ch < g.cin && ih >= 0 && ih < g.h && iw >= 0 &&
                         iw < g.w;
-        sm.a[row * A_LD + k] = ok ? x[offset(g.sa, row_n[row], ch, ih, iw)] : zero_value<T>();
+        sm.a[row * A_LD + k] = ok ? x[offset(g.sx, row_n[row], ch, ih, iw)] : zero_value<T>();
       }
       load_block_tile(sm.b, blk, bo, bi, k0, n0, /*transposed=*/true);
       __syncthreads();
@@ -128,7 +181,7 @@ __global__ void __launch_bounds__(THREADS) forward_kernel(
   __syncthreads();
   mma.store(sm.c);
   __syncthreads();
-  const bool y_channels_fast = g.sb[1] == 1;
+  const bool y_channels_fast = g.sy[1] == 1;
   for (int e = tid; e < TM * TN; e += THREADS) {
     int row, n;
     tile_walk(e, TM, TN, y_channels_fast, row, n);
@@ -136,7 +189,7 @@ __global__ void __launch_bounds__(THREADS) forward_kernel(
     if (row_n[row] < 0 || n0 + n >= bo || co >= g.cout) continue;
     float v = sm.c[row * C_LD + n];
     if (bias != nullptr) v += static_cast<float>(bias[co]);
-    y[offset(g.sb, row_n[row], co, row_oh[row], row_ow[row])] = static_cast<T>(v);
+    y[offset(g.sy, row_n[row], co, row_oh[row], row_ow[row])] = static_cast<T>(v);
   }
 }
 
@@ -145,8 +198,8 @@ __global__ void __launch_bounds__(THREADS) forward_kernel(
 template <typename T>
 __global__ void __launch_bounds__(THREADS) grad_input_kernel(
     const T* __restrict__ dy, const T* __restrict__ values, const int* __restrict__ col_ptr,
-    const int* __restrict__ row_idx, const int* __restrict__ tslot, T* __restrict__ dx, Geometry g,
-    int bo, int bi) {
+    const int* __restrict__ row_idx, const int* __restrict__ tslot, T* __restrict__ dx, ConvGeometry g,
+    int64_t pixels, int bo, int bi) {
   __shared__ TileSmem<T> sm;
   __shared__ int64_t row_n[TM];
   __shared__ int row_ih[TM], row_iw[TM];
@@ -158,15 +211,15 @@ __global__ void __launch_bounds__(THREADS) grad_input_kernel(
   if (tid < TM) {
     const int64_t m = m0 + tid;
     const int64_t hw = static_cast<int64_t>(g.h) * g.w;
-    row_n[tid] = m < g.m ? m / hw : -1;
+    row_n[tid] = m < pixels ? m / hw : -1;
     row_ih[tid] = static_cast<int>((m % hw) / g.w);
     row_iw[tid] = static_cast<int>(m % g.w);
   }
-  const bool dy_channels_fast = g.sa[1] == 1;
+  const bool dy_channels_fast = g.sy[1] == 1;
   TileMma<T> mma;
   mma.zero();
   for (int tap = 0; tap < g.kh * g.kw; ++tap) {
-    const int col = tap * g.cbpt + cb;
+    const int col = tap * g.blocks_per_tap + cb;
     if (col_ptr[col] == col_ptr[col + 1]) continue;
     __syncthreads();  // row_* written; previous tap's tiles consumed
     if (tid < TM) {
@@ -187,7 +240,7 @@ __global__ void __launch_bounds__(THREADS) grad_input_kernel(
           tile_walk(e, TM, TK, dy_channels_fast, row, k);
           const int co = r * bo + k0 + k;
           const bool ok = tap_oh[row] >= 0 && k0 + k < bo && co < g.cout;
-          sm.a[row * A_LD + k] = ok ? dy[offset(g.sa, row_n[row], co, tap_oh[row], tap_ow[row])] : zero_value<T>();
+          sm.a[row * A_LD + k] = ok ? dy[offset(g.sy, row_n[row], co, tap_oh[row], tap_ow[row])] : zero_value<T>();
         }
         load_block_tile(sm.b, blk, bo, bi, k0, n0, /*transposed=*/false);
         __syncthreads();
@@ -198,13 +251,13 @@ __global__ void __launch_bounds__(THREADS) grad_input_kernel(
   __syncthreads();
   mma.store(sm.c);
   __syncthreads();
-  const bool dx_channels_fast = g.sb[1] == 1;
+  const bool dx_channels_fast = g.sx[1] == 1;
   for (int e = tid; e < TM * TN; e += THREADS) {
     int row, n;
     tile_walk(e, TM, TN, dx_channels_fast, row, n);
     const int ch = cb * bi + n0 + n;
     if (row_n[row] < 0 || n0 + n >= bi || ch >= g.cin) continue;
-    dx[offset(g.sb, row_n[row], ch, row_ih[row], row_iw[row])] = static_cast<T>(sm.c[row * C_LD + n]);
+    dx[offset(g.sx, row_n[row], ch, row_ih[row], row_iw[row])] = static_cast<T>(sm.c[row * C_LD + n]);
   }
 }
 
@@ -214,7 +267,8 @@ template <typename T>
 __global__ void __launch_bounds__(THREADS) grad_blocks_kernel(
     const T* __restrict__ dy, const T* __restrict__ x, const int* __restrict__ ent_row,
     const int* __restrict__ ent_col, const int* __restrict__ ent_out, float* __restrict__ out_f32,
-    T* __restrict__ out_t, Geometry g, int bo, int bi, int n_out, int64_t chunk, bool squared_norm) {
+    T* __restrict__ out_t, ConvGeometry g, int64_t pixels, int bo, int bi, int n_out, int64_t chunk,
+    bool squared_norm) {
   __shared__ TileSmem<T> sm;
   __shared__ int64_t pix_n[TK];
   __shared__ int pix_oh[TK], pix_ow[TK], pix_ih[TK], pix_iw[TK];
@@ -223,12 +277,12 @@ __global__ void __launch_bounds__(THREADS) grad_blocks_kernel(
   const int o0 = (blockIdx.z / i_chunks) * TM, i0 = (blockIdx.z % i_chunks) * TN;
   const int r = ent_row[e_idx], c = ent_col[e_idx];
   const int64_t o = ent_out[e_idx];
-  const int tap = c / g.cbpt, ch0 = (c % g.cbpt) * bi;
+  const int tap = c / g.blocks_per_tap, ch0 = (c % g.blocks_per_tap) * bi;
   const int ki = tap / g.kw, kj = tap % g.kw;
   const int tid = threadIdx.x;
   const int64_t start = split * chunk;
-  const int64_t stop = start + chunk < g.m ? start + chunk : g.m;
-  const bool dy_channels_fast = g.sa[1] == 1, x_channels_fast = g.sb[1] == 1;
+  const int64_t stop = start + chunk < pixels ? start + chunk : pixels;
+  const bool dy_channels_fast = g.sy[1] == 1, x_channels_fast = g.sx[1] == 1;
   const int64_t hw = static_cast<int64_t>(g.oh) * g.ow;
   TileMma<T> mma;
   mma.zero();
@@ -249,7 +303,7 @@ __global__ void __launch_bounds__(THREADS) grad_blocks_kernel(
       tile_walk(e, TM, TK, !dy_channels_fast, row, k);
       const int co = r * bo + o0 + row;
       const bool ok = pix_n[k] >= 0 && o0 + row < bo && co < g.cout;
-      sm.a[row * A_LD + k] = ok ? dy[offset(g.sa, pix_n[k], co, pix_oh[k], pix_ow[k])] : zero_value<T>();
+      sm.a[row * A_LD + k] = ok ? dy[offset(g.sy, pix_n[k], co, pix_oh[k], pix_ow[k])] : zero_value<T>();
     }
     for (int e = tid; e < TK * TN; e += THREADS) {  // B = x at this tap: rows are pixels
       int k, n;
@@ -257,7 +311,7 @@ __global__ void __launch_bounds__(THREADS) grad_blocks_kernel(
       const int ch = ch0 + i0 + n;
       const int ih = pix_ih[k], iw = pix_iw[k];
       const bool ok = pix_n[k] >= 0 && i0 + n < bi && ch < g.cin && ih >= 0 && ih < g.h && iw >= 0 && iw < g.w;
-      sm.b[k * B_LD + n] = ok ? x[offset(g.sb, pix_n[k], ch, ih, iw)] : zero_value<T>();
+      sm.b[k * B_LD + n] = ok ? x[offset(g.sx, pix_n[k], ch, ih, iw)] : zero_value<T>();
     }
     __syncthreads();
     mma.step(sm.a, sm.b);
@@ -330,9 +384,10 @@ unsigned grid_y(int64_t blocks, int block, const char* what) {
   AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
                      AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
-void forward(const at::Tensor& x, const at::Tensor& values, const at::Tensor& row_ptr, const at::Tensor& col_idx,
-             const at::Tensor& slot, const c10::optional<at::Tensor>& bias, const at::Tensor& y,
-             c10::IntArrayRef geometry) {
+void conv2d_forward(const at::Tensor& x, const at::Tensor& values, const at::Tensor& row_ptr,
+                    const at::Tensor& col_idx, const at::Tensor& slot, const c10::optional<at::Tensor>& bias,
+                    const at::Tensor& y, c10::IntArrayRef kernel_size, c10::IntArrayRef stride,
+                    c10::IntArrayRef padding, c10::IntArrayRef dilation) {
   check_values(values, x);
   check_same_type(y, "y", x);
   check_index(row_ptr, "row_ptr", x);
@@ -342,45 +397,55 @@ void forward(const at::Tensor& x, const at::Tensor& values, const at::Tensor& ro
     check_same_type(*bias, "bias", x);
     TORCH_CHECK(bias->is_contiguous(), "freetickets_cuda: bias must be contiguous");
   }
-  const Geometry g = make_geometry(geometry);
-  if (g.m == 0) return;
-  const c10::cuda::CUDAGuard guard(x.device());
   const int bo = static_cast<int>(values.size(1)), bi = static_cast<int>(values.size(2));
-  const dim3 grid(static_cast<unsigned>((g.m + TM - 1) / TM), grid_y(row_ptr.numel() - 1, bo, "block rows"));
+  const ConvGeometry g = conv_geometry(x, y, kernel_size, stride, padding, dilation, bi);
+  TORCH_CHECK(row_ptr.numel() - 1 == cdiv(g.cout, bo), "freetickets_cuda: row_ptr has ", row_ptr.numel() - 1,
+              " block rows, y's ", g.cout, " channels need ", cdiv(g.cout, bo));
+  const int64_t pixels = g.out_pixels();
+  if (pixels == 0) return;
+  const c10::cuda::CUDAGuard guard(x.device());
+  const dim3 grid(static_cast<unsigned>((pixels + TM - 1) / TM), grid_y(row_ptr.numel() - 1, bo, "block rows"));
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  FTK_DISPATCH(x.scalar_type(), "freetickets_cuda::forward", [&] {
+  FTK_DISPATCH(x.scalar_type(), "freetickets_cuda::conv2d_forward", [&] {
     forward_kernel<scalar_t><<<grid, THREADS, 0, stream>>>(
         x.data_ptr<scalar_t>(), values.data_ptr<scalar_t>(), row_ptr.data_ptr<int>(), col_idx.data_ptr<int>(),
-        slot.data_ptr<int>(), bias ? bias->data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(), g, bo, bi);
+        slot.data_ptr<int>(), bias ? bias->data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(), g, pixels,
+        bo, bi);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
-void grad_input(const at::Tensor& dy, const at::Tensor& values, const at::Tensor& col_ptr,
-                const at::Tensor& row_idx, const at::Tensor& tslot, const at::Tensor& dx,
-                c10::IntArrayRef geometry) {
+void conv2d_grad_input(const at::Tensor& dy, const at::Tensor& values, const at::Tensor& col_ptr,
+                       const at::Tensor& row_idx, const at::Tensor& tslot, const at::Tensor& dx,
+                       c10::IntArrayRef kernel_size, c10::IntArrayRef stride, c10::IntArrayRef padding,
+                       c10::IntArrayRef dilation) {
   check_values(values, dy);
   check_same_type(dx, "dx", dy);
   check_index(col_ptr, "col_ptr", dy);
   check_index(row_idx, "row_idx", dy);
   check_index(tslot, "tslot", dy);
-  const Geometry g = make_geometry(geometry);
-  if (g.m == 0) return;
-  const c10::cuda::CUDAGuard guard(dy.device());
   const int bo = static_cast<int>(values.size(1)), bi = static_cast<int>(values.size(2));
-  const dim3 grid(static_cast<unsigned>((g.m + TM - 1) / TM), grid_y(g.cbpt, bi, "channel blocks"));
+  const ConvGeometry g = conv_geometry(dx, dy, kernel_size, stride, padding, dilation, bi);
+  const int64_t columns = static_cast<int64_t>(g.kh) * g.kw * g.blocks_per_tap;
+  TORCH_CHECK(col_ptr.numel() - 1 == columns, "freetickets_cuda: col_ptr has ", col_ptr.numel() - 1,
+              " block columns, the kernel and dx's channels need ", columns);
+  const int64_t pixels = g.in_pixels();
+  if (pixels == 0) return;
+  const c10::cuda::CUDAGuard guard(dy.device());
+  const dim3 grid(static_cast<unsigned>((pixels + TM - 1) / TM), grid_y(g.blocks_per_tap, bi, "channel blocks"));
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  FTK_DISPATCH(dy.scalar_type(), "freetickets_cuda::grad_input", [&] {
+  FTK_DISPATCH(dy.scalar_type(), "freetickets_cuda::conv2d_grad_input", [&] {
     grad_input_kernel<scalar_t><<<grid, THREADS, 0, stream>>>(
         dy.data_ptr<scalar_t>(), values.data_ptr<scalar_t>(), col_ptr.data_ptr<int>(), row_idx.data_ptr<int>(),
-        tslot.data_ptr<int>(), dx.data_ptr<scalar_t>(), g, bo, bi);
+        tslot.data_ptr<int>(), dx.data_ptr<scalar_t>(), g, pixels, bo, bi);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
-void grad_blocks(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& rows, const at::Tensor& cols,
-                 const at::Tensor& outs, const at::Tensor& out, c10::IntArrayRef geometry, int64_t block_o,
-                 int64_t block_i, int64_t split, int64_t chunk, bool squared_norm) {
+void conv2d_grad_blocks(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& rows, const at::Tensor& cols,
+                        const at::Tensor& outs, const at::Tensor& out, c10::IntArrayRef block_size,
+                        c10::IntArrayRef kernel_size, c10::IntArrayRef stride, c10::IntArrayRef padding,
+                        c10::IntArrayRef dilation, int64_t split, int64_t chunk, bool squared_norm) {
   check_same_type(dy, "grad_out", x);
   check_index(rows, "entry rows", x);
   check_index(cols, "entry cols", x);
@@ -391,22 +456,24 @@ void grad_blocks(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& ro
   TORCH_CHECK(out.scalar_type() == (to_fp32 ? at::kFloat : x.scalar_type()),
               "freetickets_cuda: out has the wrong dtype ", out.scalar_type());
   TORCH_CHECK(split >= 1 && split <= 65535, "freetickets_cuda: split must be in [1, 65535]");
-  const Geometry g = make_geometry(geometry);
-  const int64_t n_entries = rows.numel();
-  if (g.m == 0 || n_entries == 0) return;
+  TORCH_CHECK(block_size.size() == 2 && block_size[0] >= 1 && block_size[1] >= 1,
+              "freetickets_cuda: bad block_size ", block_size);
+  const int bo = static_cast<int>(block_size[0]), bi = static_cast<int>(block_size[1]);
+  const ConvGeometry g = conv_geometry(x, dy, kernel_size, stride, padding, dilation, bi);
+  const int64_t pixels = g.out_pixels(), n_entries = rows.numel();
+  if (pixels == 0 || n_entries == 0) return;
   TORCH_CHECK(n_entries <= 0x7fffffff, "freetickets_cuda: too many blocks");
-  const int bo = static_cast<int>(block_o), bi = static_cast<int>(block_i);
   const int64_t z = static_cast<int64_t>((bo + TM - 1) / TM) * ((bi + TN - 1) / TN);
   TORCH_CHECK(z <= 65535, "freetickets_cuda: block size too large");
   if (squared_norm && split == 1) out.zero_();  // partial squared sums are added atomically
   const c10::cuda::CUDAGuard guard(x.device());
   const dim3 grid(static_cast<unsigned>(n_entries), static_cast<unsigned>(split), static_cast<unsigned>(z));
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  FTK_DISPATCH(x.scalar_type(), "freetickets_cuda::grad_blocks", [&] {
+  FTK_DISPATCH(x.scalar_type(), "freetickets_cuda::conv2d_grad_blocks", [&] {
     grad_blocks_kernel<scalar_t><<<grid, THREADS, 0, stream>>>(
         dy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), rows.data_ptr<int>(), cols.data_ptr<int>(),
         outs.data_ptr<int>(), to_fp32 ? out.data_ptr<float>() : nullptr,
-        to_fp32 ? nullptr : out.data_ptr<scalar_t>(), g, bo, bi, static_cast<int>(outs.numel()), chunk,
+        to_fp32 ? nullptr : out.data_ptr<scalar_t>(), g, pixels, bo, bi, static_cast<int>(outs.numel()), chunk,
         squared_norm);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

@@ -1,7 +1,16 @@
 """The ``cpu`` backend: the C++ extension's kernels (csrc/cpu), float32.
 
 Importing this module loads ``freetickets_kernels._cpu``, whose static
-registrations create ``torch.ops.freetickets_cpu.*``.
+registrations create ``torch.ops.freetickets_cpu.*``.  The extension's ops
+carry the backend functions' names and signatures (see ``reference.py``), so
+they are bound here as they are, not wrapped:
+
+* ``linear_forward``, ``linear_grad_input``, ``linear_grad_values``,
+  ``conv2d_forward``, ``conv2d_grad_input``, ``conv2d_grad_values``: the kernels;
+* ``build_info()``: how the extension was built and which instruction sets
+  this machine supports (``supported=...``);
+* ``set_isa(name)``: force an instruction set ('avx512', 'avx2', 'portable'
+  or 'auto'); returns the one in use.
 """
 
 import torch
@@ -15,41 +24,15 @@ from .reference import conv2d_grad_block_norms, linear_grad_block_norms  # noqa:
 NAME = "cpu"
 _ops = torch.ops.freetickets_cpu
 
+try:
+    build_info = _ops.build_info
+    set_isa = _ops.set_isa
 
-def build_info() -> str:
-    return _ops.build_info()
-
-
-def set_isa(name: str) -> str:
-    """Force an instruction set ('avx512', 'avx2', 'portable' or 'auto'); returns the one in use."""
-    return _ops.set_isa(name)
-
-
-def linear_forward(x, values, row_ptr, col_idx, slot, bias, out_features):
-    return _ops.linear_forward(x, values, row_ptr, col_idx, slot, bias, out_features)
-
-
-def linear_grad_input(grad_out, values, col_ptr, row_idx, tslot, in_features):
-    return _ops.linear_grad_input(grad_out, values, col_ptr, row_idx, tslot, in_features)
-
-
-def linear_grad_values(grad_out, x, row_ptr, col_idx, slot, block_size):
-    return _ops.linear_grad_values(grad_out, x, row_ptr, col_idx, slot, block_size)
-
-
-def conv2d_forward(x, values, row_ptr, col_idx, slot, bias, out_channels, kernel_size, stride,
-                   padding, dilation):
-    return _ops.conv2d_forward(x, values, row_ptr, col_idx, slot, bias, out_channels, kernel_size,
-                               stride, padding, dilation)
-
-
-def conv2d_grad_input(grad_out, values, col_ptr, row_idx, tslot, input_size, kernel_size, stride,
-                      padding, dilation):
-    return _ops.conv2d_grad_input(grad_out, values, col_ptr, row_idx, tslot, input_size,
-                                  kernel_size, stride, padding, dilation)
-
-
-def conv2d_grad_values(grad_out, x, row_ptr, col_idx, slot, block_size, kernel_size, stride,
-                       padding, dilation):
-    return _ops.conv2d_grad_values(grad_out, x, row_ptr, col_idx, slot, block_size, kernel_size,
-                                   stride, padding, dilation)
+    linear_forward = _ops.linear_forward
+    linear_grad_input = _ops.linear_grad_input
+    linear_grad_values = _ops.linear_grad_values
+    conv2d_forward = _ops.conv2d_forward
+    conv2d_grad_input = _ops.conv2d_grad_input
+    conv2d_grad_values = _ops.conv2d_grad_values
+except AttributeError as exc:  # a stale build: the backend is unavailable, not broken
+    raise ImportError(f"freetickets_kernels._cpu lacks an op, rebuild it ({exc})") from None

@@ -2,7 +2,8 @@
 
 fp16 and bf16 multiply on tensor cores (WMMA, fp32 accumulate); fp32 on CUDA
 cores in full fp32.  Same functions as ``reference.py``, built by
-:class:`ImplicitGemmOps` on the extension's three kernels, exactly as the
+:class:`ImplicitGemmOps` on the extension's three kernels (``conv2d_forward``,
+``conv2d_grad_input``, ``conv2d_grad_blocks``), exactly as the
 Triton backend is: the two GPU backends share geometry, output allocation and
 the reduction of split partials, and differ only in their kernels.
 
@@ -14,34 +15,28 @@ import torch
 
 import freetickets_kernels._cuda  # noqa: F401  (registers torch.ops.freetickets_cuda)
 
-from .implicit_gemm import ConvProblem, Entries, ImplicitGemmOps, strides
+from .implicit_gemm import ConvProblem, Entries, ImplicitGemmOps
 
 NAME = "cuda"
 _ops = torch.ops.freetickets_cuda
 
-
-def build_info() -> str:
-    return _ops.build_info()
-
-
-def _geometry(rows: int, prob: ConvProblem, block_in: int, a: torch.Tensor, b: torch.Tensor):
-    return [rows, *prob.shape_args(block_in), *strides(a), *strides(b)]
+build_info = _ops.build_info
 
 
 class _CudaLauncher:
-    def forward(self, x, values, row_ptr, col_idx, slot, bias, prob: ConvProblem, y) -> None:
-        _ops.forward(x, values, row_ptr, col_idx, slot, bias, y,
-                     _geometry(prob.out_pixels, prob, values.shape[2], x, y))
+    """The extension's ops take the named conv arguments and read the rest of the
+    geometry (channels, image sizes, strides) off their tensors."""
 
-    def grad_input(self, dy, values, col_ptr, row_idx, tslot, prob: ConvProblem, dx) -> None:
-        _ops.grad_input(dy, values, col_ptr, row_idx, tslot, dx,
-                        _geometry(prob.in_pixels, prob, values.shape[2], dy, dx))
+    def conv2d_forward(self, x, values, row_ptr, col_idx, slot, bias, prob: ConvProblem, y) -> None:
+        _ops.conv2d_forward(x, values, row_ptr, col_idx, slot, bias, y, **prob.conv_args())
 
-    def grad_blocks(self, dy, x, prob: ConvProblem, block_size, entries: Entries, out, split: int,
-                    chunk: int, squared_norm: bool) -> None:
-        bo, bi = block_size
-        _ops.grad_blocks(dy, x, entries.rows, entries.cols, entries.outs, out,
-                         _geometry(prob.out_pixels, prob, bi, dy, x), bo, bi, split, chunk, squared_norm)
+    def conv2d_grad_input(self, dy, values, col_ptr, row_idx, tslot, prob: ConvProblem, dx) -> None:
+        _ops.conv2d_grad_input(dy, values, col_ptr, row_idx, tslot, dx, **prob.conv_args())
+
+    def conv2d_grad_blocks(self, dy, x, prob: ConvProblem, block_size, entries: Entries, out, split: int,
+                           chunk: int, squared_norm: bool) -> None:
+        _ops.conv2d_grad_blocks(dy, x, entries.rows, entries.cols, entries.outs, out, list(block_size),
+                                **prob.conv_args(), split=split, chunk=chunk, squared_norm=squared_norm)
 
 
 ImplicitGemmOps(_CudaLauncher()).export(globals())

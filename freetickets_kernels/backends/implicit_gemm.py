@@ -1,25 +1,38 @@
 """What the GPU backends (Triton, CUDA) share: every op as an implicit-GEMM convolution.
 
 A linear layer is the 1x1 convolution of 1x1 images (``M`` = tokens), so each
-backend needs only three kernels, given here as a :class:`Launcher`:
+backend needs only three kernels, given here as a :class:`Launcher` (and named
+as the CUDA extension's ops, ``torch.ops.freetickets_cuda.*``):
 
-* ``forward``: ``y = conv(x, W) (+ bias)``, a program per (pixel tile, block row);
-* ``grad_input``: ``dx``, a program per (input-pixel tile, channel block), through
-  the transposed indices;
-* ``grad_blocks``: listed blocks of the dense weight gradient, reduced over
-  output pixels, optionally split in ``split`` pixel ranges of ``chunk``: the
-  live blocks for grad-values, every block for RigL's block norms.
+* ``conv2d_forward``: ``y = conv(x, W) (+ bias)``, a program per (pixel tile,
+  block row);
+* ``conv2d_grad_input``: ``dx``, a program per (input-pixel tile, channel block),
+  through the transposed indices;
+* ``conv2d_grad_blocks``: listed blocks of the dense weight gradient, reduced
+  over output pixels, optionally split in ``split`` pixel ranges of ``chunk``:
+  the live blocks for grad-values, every block for RigL's block norms.
 
 :class:`ImplicitGemmOps` turns a launcher into the backend functions of
 ``reference.py``: output allocation (memory format as torch's conv), problem
 geometry, entry lists, split choice and the reduction of split partials.
+
+Geometry vocabulary, the same in :class:`ConvProblem`, the Triton kernels'
+arguments (upper case) and csrc/cuda's ``ConvGeometry`` (lower case): ``cin,
+h, w`` (input), ``cout, oh, ow`` (output), ``kh, kw`` (kernel), ``sh, sw``,
+``ph, pw``, ``dh, dw`` (stride, padding, dilation), ``blocks_per_tap`` (channel
+blocks per kernel tap: weight block column ``c`` is ``Bi`` input channels,
+block ``c % blocks_per_tap``, at tap ``c // blocks_per_tap``), and the ``(n, c,
+h, w)`` element strides of the input-side activation (x or dx: ``sx*``) and
+the output-side one (y or dy: ``sy*``).  The CUDA ops take only the named
+``kernel_size, stride, padding, dilation`` of the public ops and read every
+other field off their tensors.
 """
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Optional, Protocol, Sequence, Tuple
+from typing import Dict, List, Optional, Protocol, Sequence, Tuple
 
 import torch
 
@@ -36,14 +49,14 @@ class ConvProblem:
     h: int
     w: int
     cout: int
-    kernel: Tuple[int, int] = (1, 1)
+    kernel_size: Tuple[int, int] = (1, 1)
     stride: Tuple[int, int] = (1, 1)
     padding: Tuple[int, int] = (0, 0)
     dilation: Tuple[int, int] = (1, 1)
 
     @property
     def out_hw(self) -> Tuple[int, int]:
-        return conv_output_size((self.h, self.w), self.kernel, self.stride, self.padding, self.dilation)
+        return conv_output_size((self.h, self.w), self.kernel_size, self.stride, self.padding, self.dilation)
 
     @property
     def out_pixels(self) -> int:
@@ -53,18 +66,35 @@ class ConvProblem:
     def in_pixels(self) -> int:
         return self.n * self.h * self.w
 
-    def shape_args(self, block_in: int) -> Tuple[int, ...]:
-        """CIN, H, W, COUT, OH, OW, KH, KW, CBPT, SH, SW, PH, PW, DH, DW: the kernels' geometry."""
-        return (self.cin, self.h, self.w, self.cout, *self.out_hw, *self.kernel,
-                cdiv(self.cin, block_in), *self.stride, *self.padding, *self.dilation)
+    def blocks_per_tap(self, block_in: int) -> int:
+        """Channel blocks per kernel tap (``BlockSparseLayout.blocks_per_tap``)."""
+        return cdiv(self.cin, block_in)
+
+    def kernel_args(self, block_in: int) -> Dict[str, int]:
+        """The Triton kernels' geometry arguments, by name (csrc/cuda's ConvGeometry fields)."""
+        (oh, ow), (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (
+            self.out_hw, self.kernel_size, self.stride, self.padding, self.dilation)
+        return dict(CIN=self.cin, H=self.h, W=self.w, COUT=self.cout, OH=oh, OW=ow, KH=kh, KW=kw,
+                    BLOCKS_PER_TAP=self.blocks_per_tap(block_in), SH=sh, SW=sw, PH=ph, PW=pw, DH=dh, DW=dw)
+
+    def conv_args(self) -> Dict[str, List[int]]:
+        """``kernel_size, stride, padding, dilation``: the conv arguments of the ops, by name."""
+        return dict(kernel_size=list(self.kernel_size), stride=list(self.stride), padding=list(self.padding),
+                    dilation=list(self.dilation))
 
     def block_grid(self, block_size: Sequence[int]) -> Tuple[int, int]:
-        return BlockSparseLayout.grid_for((self.cout, self.cin, *self.kernel), tuple(block_size))
+        return BlockSparseLayout.grid_for((self.cout, self.cin, *self.kernel_size), tuple(block_size))
 
 
 def strides(t: torch.Tensor) -> Tuple[int, int, int, int]:
     """(n, c, h, w) element strides of a 4-D activation, or of a 2-D one as [N, C, 1, 1]."""
     return tuple(t.stride()) if t.dim() == 4 else (t.stride(0), t.stride(1), 0, 0)
+
+
+def stride_args(side: str, t: torch.Tensor) -> Dict[str, int]:
+    """``strides(t)`` as the Triton kernels' arguments ``s{side}n, s{side}c, s{side}h, s{side}w``;
+    ``side`` is ``"x"`` for the input-side activation (x, dx), ``"y"`` for the output side (y, dy)."""
+    return {f"s{side}{dim}": s for dim, s in zip("nchw", strides(t))}
 
 
 @functools.lru_cache(maxsize=None)
@@ -102,13 +132,14 @@ class Entries:
 class Launcher(Protocol):
     """A backend's three kernels; each writes every element of its output tensor."""
 
-    def forward(self, x, values, row_ptr, col_idx, slot, bias, prob: ConvProblem, y) -> None: ...
+    def conv2d_forward(self, x, values, row_ptr, col_idx, slot, bias, prob: ConvProblem, y) -> None: ...
 
-    def grad_input(self, dy, values, col_ptr, row_idx, tslot, prob: ConvProblem, dx) -> None: ...
+    def conv2d_grad_input(self, dy, values, col_ptr, row_idx, tslot, prob: ConvProblem, dx) -> None: ...
 
-    def grad_blocks(self, dy, x, prob: ConvProblem, block_size, entries: Entries, out, split: int,
-                    chunk: int, squared_norm: bool) -> None:
-        """``out`` is ``[split, n_out, Bo, Bi]`` fp32 when split > 1; else ``[n_out, Bo, Bi]``
+    def conv2d_grad_blocks(self, dy, x, prob: ConvProblem, block_size, entries: Entries, out, split: int,
+                           chunk: int, squared_norm: bool) -> None:
+        """The gradient (or its squared norm) of the listed blocks: grad-values and block norms.
+        ``out`` is ``[split, n_out, Bo, Bi]`` fp32 when split > 1; else ``[n_out, Bo, Bi]``
         in x's dtype, or ``[n_out]`` fp32 squared norms when ``squared_norm``."""
 
 
@@ -122,12 +153,12 @@ class ImplicitGemmOps:
     def _forward(self, x, values, row_ptr, col_idx, slot, bias, prob: ConvProblem, y):
         if prob.out_pixels > 0:
             bias = bias.contiguous() if bias is not None else None
-            self.launch.forward(x, values.contiguous(), row_ptr, col_idx, slot, bias, prob, y)
+            self.launch.conv2d_forward(x, values.contiguous(), row_ptr, col_idx, slot, bias, prob, y)
         return y
 
     def _grad_input(self, dy, values, col_ptr, row_idx, tslot, prob: ConvProblem, dx):
         if prob.in_pixels > 0:
-            self.launch.grad_input(dy, values.contiguous(), col_ptr, row_idx, tslot, prob, dx)
+            self.launch.conv2d_grad_input(dy, values.contiguous(), col_ptr, row_idx, tslot, prob, dx)
         return dx
 
     def _grad_blocks(self, dy, x, prob: ConvProblem, block_size, entries: Entries, squared_norm: bool):
@@ -145,7 +176,7 @@ class ImplicitGemmOps:
             out = torch.empty(n_out, dtype=torch.float32, device=dev)
         else:
             out = torch.empty((n_out, bo, bi), dtype=x.dtype, device=dev)
-        self.launch.grad_blocks(dy, x, prob, (bo, bi), entries, out, split, cdiv(m, split), squared_norm)
+        self.launch.conv2d_grad_blocks(dy, x, prob, (bo, bi), entries, out, split, cdiv(m, split), squared_norm)
         if split == 1:
             return out
         blocks = out.sum(0)

@@ -7,6 +7,13 @@ smallest L2 norm is pruned and as many blocks are grown among the dead ones
 layer's block count, and so the ``values`` parameter's shape, never changes.
 ``rate`` follows ``prune_rate`` decayed by ``prune_rate_schedule`` over
 ``total_steps``.
+
+An update, step by step (:meth:`DynamicSparseTraining._update`): the growth
+scores (:mod:`.scoring`; a non-finite one skips the whole update), then per
+layer the blocks pruned and grown (:mod:`.growth`), rank 0's choice shared
+(:meth:`~DynamicSparseTraining._agree`), and the new layout installed in the
+freed slots with their values and optimizer state zeroed
+(:meth:`~DynamicSparseTraining._install`).
 """
 
 from __future__ import annotations
@@ -18,10 +25,10 @@ import torch
 from torch import nn
 
 from .. import distributed
-from ..layout import block_norms
 from ..nn.base import BlockSparseModule
+from . import scoring
+from .growth import GROWTH, grow_blocks, prune_blocks
 
-GROWTH = ("random", "gradient")
 SCHEDULES = ("cosine", "constant")
 
 
@@ -102,8 +109,7 @@ class DynamicSparseTraining:
         return entry
 
     def _skip(self, why: str) -> dict:
-        for layer in self.layers.values():
-            layer.release_capture()
+        self._release_capture()
         entry = {"step": self.steps, "kind": "skipped", "why": why, "layers": {}}
         self.log.append(entry)
         return entry
@@ -128,14 +134,19 @@ class DynamicSparseTraining:
     def arm_gradient_capture(self) -> None:
         """Capture the next forward/backward's gradients in every layer (before :meth:`explore`)."""
         for layer in self.layers.values():
-            layer.arm_gradient_capture()
+            scoring.arm(layer)
+
+    def _release_capture(self) -> None:
+        for layer in self.layers.values():
+            scoring.release(layer)
 
     @torch.no_grad()
     def _update(self, rate: float, growth: str, kind: str) -> dict:
+        """Move ``rate`` of every layer's live blocks: score, then prune, grow, agree and install per layer."""
         moves = {name: int(rate * layer.layout.nnzb) for name, layer in self.layers.items()}
-        scores = {}
-        if growth == "gradient":  # only layers that move blocks pay for the dense gradient
-            scores = {name: self.layers[name].dense_grad_block_norms().float() for name, k in moves.items() if k}
+        scores: Dict[str, torch.Tensor] = {}
+        if growth == "gradient":
+            scores = self._growth_scores(moves)
             # (under torch.distributed the scores are already averaged, so every rank agrees here)
             bad = [name for name, s in scores.items() if not torch.isfinite(s).all()]
             if bad:
@@ -144,40 +155,42 @@ class DynamicSparseTraining:
                 return entry
         entry = {"step": self.steps, "kind": kind, "rate": rate, "layers": {}}
         for name, layer in self.layers.items():
-            layout, k = layer.layout, moves[name]
-            live = layout.block_mask
-            if k == 0:
-                entry["layers"][name] = {"density": layer.density, "changed": 0}
-                continue
-            # prune: the k live blocks with the smallest L2 norm
-            norms = block_norms(layer.values.detach()).float()
-            live_slots = layout.slot_map[live]
-            order = torch.argsort(norms.to(live_slots.device)[live_slots], stable=True)[:k]
-            drop = torch.zeros_like(live)
-            drop.view(-1)[live.view(-1).nonzero().squeeze(1)[order]] = True
-            candidates = ~(live & ~drop)
-            # grow: k of the dead-after-pruning blocks
-            if growth == "random":
-                cand_idx = candidates.view(-1).nonzero().squeeze(1)
-                pick = cand_idx[torch.randperm(cand_idx.numel(), generator=self.generator)[:k].to(cand_idx.device)]
-            else:
-                score = scores[name].to(live.device).masked_fill(~candidates, float("-inf")).view(-1)
-                pick = torch.topk(score, k, sorted=False).indices
-            grow = torch.zeros_like(live)
-            grow.view(-1)[pick] = True
-            if distributed.active():  # every rank installs rank 0's choice, bit for bit
-                choice = distributed.broadcast_(torch.stack((drop, grow)).to(torch.uint8))
-                drop, grow = choice[0].bool(), choice[1].bool()
-            freed = layout.slot_map[drop]  # the grown blocks take exactly these slots
-            layer.values[freed.to(layer.values.device)] = 0
-            layer.set_layout(layout.replace_blocks(drop, grow))
-            self._zero_optimizer_state(layer.values, freed)
-            entry["layers"][name] = {"density": layer.density, "changed": int((grow & ~drop).sum())}
-        for layer in self.layers.values():
-            layer.release_capture()
+            entry["layers"][name] = self._move_blocks(layer, moves[name], growth, scores.get(name))
+        self._release_capture()
         self._arm_if_update_next()  # an explore() between steps must not disarm the next update
         self.log.append(entry)
         return entry
+
+    def _growth_scores(self, moves: Dict[str, int]) -> Dict[str, torch.Tensor]:
+        """RigL's dense-gradient block norms of the layers that move blocks (the others pay nothing)."""
+        return {name: scoring.dense_grad_block_norms(self.layers[name]).float() for name, k in moves.items() if k}
+
+    def _move_blocks(self, layer: BlockSparseModule, k: int, growth: str, scores: Optional[torch.Tensor]) -> dict:
+        """Prune ``k`` of ``layer``'s blocks and grow ``k``; returns the layer's log entry."""
+        if k == 0:
+            return {"density": layer.density, "changed": 0}
+        layout = layer.layout
+        drop = prune_blocks(layout, scoring.magnitude_block_norms(layer), k)
+        grow = grow_blocks(layout, drop, k, growth, scores, self.generator)
+        drop, grow = self._agree(drop, grow)
+        self._install(layer, drop, grow)
+        return {"density": layer.density, "changed": int((grow & ~drop).sum())}
+
+    @staticmethod
+    def _agree(drop: torch.Tensor, grow: torch.Tensor):
+        """Under torch.distributed every rank installs rank 0's choice, bit for bit."""
+        if distributed.active():
+            choice = distributed.broadcast_(torch.stack((drop, grow)).to(torch.uint8))
+            drop, grow = choice[0].bool(), choice[1].bool()
+        return drop, grow
+
+    def _install(self, layer: BlockSparseModule, drop: torch.Tensor, grow: torch.Tensor) -> None:
+        """The grown blocks take exactly the pruned blocks' slots, zeroed, with zeroed optimizer state."""
+        layout = layer.layout
+        freed = layout.slot_map[drop]
+        layer.values[freed.to(layer.values.device)] = 0
+        layer.set_layout(layout.replace_blocks(drop, grow))
+        self._zero_optimizer_state(layer.values, freed)
 
     def _zero_optimizer_state(self, param: torch.Tensor, slots: torch.Tensor) -> None:
         """Zero the per-element optimizer state (momentum, Adam moments) of regrown slots."""
@@ -204,6 +217,5 @@ class DynamicSparseTraining:
             raise ValueError(f"DST state was saved with {config}, this engine has {mine}")
         self.steps, self.log = steps, list(log)
         self.generator.set_state(gen)
-        for layer in self.layers.values():
-            layer.release_capture()
+        self._release_capture()
         self._arm_if_update_next()

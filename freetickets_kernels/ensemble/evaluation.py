@@ -1,14 +1,15 @@
-"""Evaluating members and ensembles: logits over a data set, and measured inference latency."""
+"""Evaluating members and ensembles: logits over a data set.
+
+(Measured inference latency lives with the timing code, in ``freetickets_kernels.app.timing``.)
+"""
 
 from __future__ import annotations
 
-from typing import Dict, Sequence, Tuple, Union
+from typing import Sequence, Tuple, Union
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-
-from ..timing import median_seconds
 
 
 @torch.inference_mode()
@@ -32,22 +33,3 @@ def member_logits(models: Sequence[nn.Module], dataset: Dataset, batch_size: int
     """``(logits [M, N, K], targets [N])`` of every member over ``dataset``."""
     outs = [predict(m, dataset, batch_size, device) for m in models]
     return torch.stack([o[0] for o in outs]), outs[0][1]
-
-
-def inference_latency(models: Dict[str, Sequence[nn.Module]], batch: torch.Tensor, repeats: int = 20,
-                      warmup: int = 3) -> Dict[str, float]:
-    """Median seconds of one forward of ``batch`` through each entry's models, one after another
-    (an ensemble entry runs all of its members), measured in this one run."""
-    device = batch.device
-    out = {}
-    for name, group in models.items():
-        for m in group:
-            m.eval()
-
-        @torch.inference_mode()
-        def forward(group=group):
-            for m in group:
-                m(batch)
-
-        out[name] = median_seconds(forward, repeats, warmup, device)
-    return out

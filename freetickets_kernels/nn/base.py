@@ -8,13 +8,13 @@ a :class:`BlockSparseLayout` rebuilt from that buffer whenever it changes.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Dict, Optional
 
 import torch
 from torch import nn
 
-from .. import backends, distributed
-from ..layout import BlockSparseLayout, block_norms, check_density, to_gemm_blocks
+from .. import backends
+from ..layout import BlockSparseLayout, check_density
 
 
 def random_block_mask(grid, density: float, device=None, generator=None) -> torch.Tensor:
@@ -37,44 +37,28 @@ class BlockSparseModule(nn.Module):
         self.values = nn.Parameter(values)
         self.register_buffer("slot_map", layout.slot_map.clone())
         self._layout = layout
-        self._capture_armed = False
-        self._captured = None  # {"input", "grad"} of the op in the last armed forward/backward
+        self._op_observer = None  # see observe_op
 
-    # ------------------------------------------------------ gradient capture
-    def arm_gradient_capture(self) -> None:
-        """Keep the op input and output gradient of the next forward/backward, for
-        :meth:`dense_grad_block_norms` (RigL growth).  Costs one batch of activations."""
-        self._capture_armed = True
-        self._captured = None
+    # ------------------------------------------------------- op observation
+    def observe_op(self, observer: Optional[Callable[[torch.Tensor, torch.Tensor], None]]) -> None:
+        """Call ``observer(op_input, output)`` after every forward; ``None`` stops it.
 
-    def _capture(self, op_input: torch.Tensor, output: torch.Tensor) -> None:
-        if not (self._capture_armed and output.requires_grad):
-            return
-        self._capture_armed = False
-        saved = {"input": op_input.detach()}
+        The seam through which DST captures the gradients that drive RigL growth
+        (:mod:`freetickets_kernels.dst.scoring`): ``op_input`` is what the op was
+        given (for a conv, after any explicit padding), which a forward hook on
+        the module would not see.  The layer itself knows nothing of DST.
+        """
+        self._op_observer = observer
 
-        def keep_grad(grad):
-            saved["grad"] = grad.detach()
+    def _observe_op(self, op_input: torch.Tensor, output: torch.Tensor) -> None:
+        if self._op_observer is not None:
+            self._op_observer(op_input, output)
 
-        output.register_hook(keep_grad)
-        self._captured = saved
-
-    def dense_grad_block_norms(self) -> torch.Tensor:
-        """Block L2 norms ``[R, C]`` of the dense weight gradient of the captured batch."""
-        if not self._captured or "grad" not in self._captured:
-            raise RuntimeError(
-                "no gradient was captured: call arm_gradient_capture() before the forward and "
-                "backward whose gradient should drive growth"
-            )
-        op_input, grad = self._captured["input"], self._captured["grad"]
-        if distributed.active():  # score the global batch: average the dense gradient over ranks first
-            dense = distributed.all_reduce_mean_(self._dense_weight_grad(op_input, grad))
-            return block_norms(to_gemm_blocks(dense, self.block_size))
-        return self._grad_block_norms(op_input, grad)
-
-    def release_capture(self) -> None:
-        self._capture_armed = False
-        self._captured = None
+    def op_geometry(self) -> Dict[str, object]:
+        """The op's arguments besides the tensors and the layout (none for a linear layer; a conv's
+        stride, padding and dilation as passed to the op): what
+        :func:`freetickets_kernels.ops.dense_grad_block_norms` needs to score this layer."""
+        return {}
 
     # ----------------------------------------------------------------- layout
     @property

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Dict, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backends import reference
 from ..layout import BlockSparseLayout, IntPair, block_size_pair, check_density, pair
-from ..ops import block_sparse_conv2d, dense_grad_block_norms
+from ..ops import block_sparse_conv2d
 from .base import BlockSparseModule, dense_init_bias, init_values, random_block_mask
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
@@ -102,17 +101,12 @@ class SparseConv2d(BlockSparseModule):
         if pad is not None:
             input = F.pad(input, pad, mode="constant" if self.padding_mode == "zeros" else self.padding_mode)
         out = block_sparse_conv2d(input, self.values, self.layout, self.bias, self.stride, padding, self.dilation)
-        self._capture(input, out)
+        self._observe_op(input, out)
         return out
 
-    def _grad_block_norms(self, op_input, grad_output):
+    def op_geometry(self) -> Dict[str, object]:
         _, padding = self._explicit_padding()
-        return dense_grad_block_norms(op_input, grad_output, self.layout, self.stride, padding, self.dilation)
-
-    def _dense_weight_grad(self, op_input, grad_output):
-        _, padding = self._explicit_padding()
-        return reference.conv2d_dense_weight_grad(grad_output, op_input, self.kernel_size, self.stride, padding,
-                                                  self.dilation)
+        return {"stride": self.stride, "padding": padding, "dilation": self.dilation}
 
     def extra_repr(self) -> str:
         s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 
-from ..backends import reference
 from ..layout import BlockSparseLayout, IntPair, block_size_pair, check_density
-from ..ops import block_sparse_linear, dense_grad_block_norms
+from ..ops import block_sparse_linear
 from .base import BlockSparseModule, dense_init_bias, init_values, random_block_mask
 
 
@@ -59,15 +57,8 @@ class SparseLinear(BlockSparseModule):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         out = block_sparse_linear(input, self.values, self.layout, self.bias)
-        self._capture(input, out)
+        self._observe_op(input, out)
         return out
-
-    def _grad_block_norms(self, op_input, grad_output):
-        return dense_grad_block_norms(op_input, grad_output, self.layout)
-
-    def _dense_weight_grad(self, op_input, grad_output):
-        return reference.linear_dense_weight_grad(grad_output.reshape(-1, self.out_features),
-                                                  op_input.reshape(-1, self.in_features))
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -8,10 +8,10 @@ from typing import Iterable, List, Tuple
 
 from torch import nn
 
-from ..dst.densities import layer_densities
 from ..layout import IntPair, block_size_pair
 from .base import BlockSparseModule
 from .conv import SparseConv2d
+from .densities import layer_densities
 from .linear import SparseLinear
 
 

@@ -15,7 +15,7 @@ import contextlib
 import torch
 import triton
 
-from ..implicit_gemm import ConvProblem, Entries, ImplicitGemmOps, strides
+from ..implicit_gemm import ConvProblem, Entries, ImplicitGemmOps, stride_args
 from . import kernels
 from .tuning import dot_precision, interpreted, padded
 
@@ -38,35 +38,36 @@ def _on_device(t: torch.Tensor):
 
 
 class _TritonLauncher:
-    def forward(self, x, values, row_ptr, col_idx, slot, bias, prob: ConvProblem, y) -> None:
+    def conv2d_forward(self, x, values, row_ptr, col_idx, slot, bias, prob: ConvProblem, y) -> None:
         m = prob.out_pixels
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), row_ptr.numel() - 1)  # noqa: E731
         with _on_device(x):
             kernels.forward_kernel[grid](
                 x, values, row_ptr, col_idx, slot, values if bias is None else bias, y,
-                m, *prob.shape_args(values.shape[2]), *strides(x), *strides(y),
+                M=m, **prob.kernel_args(values.shape[2]), **stride_args("x", x), **stride_args("y", y),
                 HAS_BIAS=bias is not None, **_blocks(*values.shape[1:], values.dtype),
             )
 
-    def grad_input(self, dy, values, col_ptr, row_idx, tslot, prob: ConvProblem, dx) -> None:
+    def conv2d_grad_input(self, dy, values, col_ptr, row_idx, tslot, prob: ConvProblem, dx) -> None:
         m = prob.in_pixels
-        cbpt = triton.cdiv(prob.cin, values.shape[2])
-        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), cbpt)  # noqa: E731
+        blocks_per_tap = prob.blocks_per_tap(values.shape[2])
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), blocks_per_tap)  # noqa: E731
         with _on_device(dy):
             kernels.grad_input_kernel[grid](
                 dy, values, col_ptr, row_idx, tslot, dx,
-                m, *prob.shape_args(values.shape[2]), *strides(dy), *strides(dx),
+                M=m, **prob.kernel_args(values.shape[2]), **stride_args("y", dy), **stride_args("x", dx),
                 **_blocks(*values.shape[1:], values.dtype),
             )
 
-    def grad_blocks(self, dy, x, prob: ConvProblem, block_size, entries: Entries, out, split: int,
-                    chunk: int, squared_norm: bool) -> None:
+    def conv2d_grad_blocks(self, dy, x, prob: ConvProblem, block_size, entries: Entries, out, split: int,
+                           chunk: int, squared_norm: bool) -> None:
         bo, bi = block_size
         n_out = entries.rows.numel()
         with _on_device(x):
             kernels.grad_blocks_kernel[(n_out, split)](
                 dy, x, entries.rows, entries.cols, entries.outs, out,
-                prob.out_pixels, chunk, n_out, *prob.shape_args(bi), *strides(dy), *strides(x),
+                M=prob.out_pixels, CHUNK=chunk, NB=n_out, **prob.kernel_args(bi),
+                **stride_args("y", dy), **stride_args("x", x),
                 SPLIT=split, SQUARED_NORM=squared_norm, **_blocks(bo, bi, x.dtype),
             )
 

@@ -8,9 +8,14 @@ place: nothing is im2col'ed or copied.
 
 GEMM view (see layout.py): output pixel ``m`` is a row, output channel a
 column of ``Y [M, Cout]``; column block ``c`` of the weight is ``Bi`` input
-channels at tap ``c // CBPT``.  Blocks are padded to ``PBO x PBI`` (powers of
-two, at least 16, as ``tl.dot`` needs) with masked loads, so ragged channel
-edges and odd block sizes need no special case.  Accumulation is fp32.
+channels (channel block ``c % BLOCKS_PER_TAP``) at tap ``c // BLOCKS_PER_TAP``.
+Blocks are padded to ``PBO x PBI`` (powers of two, at least 16, as ``tl.dot``
+needs) with masked loads, so ragged channel edges and odd block sizes need no
+special case.  Accumulation is fp32.
+
+The geometry arguments are passed by name (``ConvProblem.kernel_args``, the
+vocabulary of backends/implicit_gemm.py); ``sx*`` are the (n, c, h, w) strides
+of the input-side activation (x, dx) and ``sy*`` those of the output side (y, dy).
 """
 
 import triton
@@ -42,7 +47,7 @@ def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 @triton.jit
 def forward_kernel(
     x, values, row_ptr, col_idx, slot, bias, y,
-    M, CIN, H, W, COUT, OH, OW, KH, KW, CBPT, SH, SW, PH, PW, DH, DW,
+    M, CIN, H, W, COUT, OH, OW, KH, KW, BLOCKS_PER_TAP, SH, SW, PH, PW, DH, DW,
     sxn, sxc, sxh, sxw, syn, syc, syh, syw,
     BO: tl.constexpr, BI: tl.constexpr, PBO: tl.constexpr, PBI: tl.constexpr,
     HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -67,8 +72,8 @@ def forward_kernel(
     for p in range(tl.load(row_ptr + r), tl.load(row_ptr + r + 1)):
         c = tl.load(col_idx + p)
         s = tl.load(slot + p).to(tl.int64)
-        tap = c // CBPT
-        ch = (c % CBPT) * BI + offs_i
+        tap = c // BLOCKS_PER_TAP
+        ch = (c % BLOCKS_PER_TAP) * BI + offs_i
         ih = ih0 + (tap // KW) * DH
         iw = iw0 + (tap % KW) * DW
         pix_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
@@ -89,12 +94,12 @@ def forward_kernel(
 @triton.jit
 def grad_input_kernel(
     dy, values, col_ptr, row_idx, tslot, dx,
-    M, CIN, H, W, COUT, OH, OW, KH, KW, CBPT, SH, SW, PH, PW, DH, DW,
-    sdn, sdc, sdh, sdw, sxn, sxc, sxh, sxw,
+    M, CIN, H, W, COUT, OH, OW, KH, KW, BLOCKS_PER_TAP, SH, SW, PH, PW, DH, DW,
+    syn, syc, syh, syw, sxn, sxc, sxh, sxw,
     BO: tl.constexpr, BI: tl.constexpr, PBO: tl.constexpr, PBI: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    """``dx[m, cb] = sum over taps t, live (r, t*CBPT+cb) of dy_t[m, r-block] @ values[tslot]``.
+    """``dx[m, cb] = sum over taps t, live (r, t*BLOCKS_PER_TAP+cb) of dy_t[m, r-block] @ values[tslot]``.
 
     ``M`` counts *input* pixels.  Grid: (input-pixel tiles, channel blocks).
     The column-major indices give, per column block, its live block rows.
@@ -119,12 +124,12 @@ def grad_input_kernel(
         ow = tw_c // SW
         pix_ok = (m_ok & (th >= 0) & (tw >= 0) & (th_c % SH == 0) & (tw_c % SW == 0)
                   & (oh < OH) & (ow < OW))
-        col = tap * CBPT + cb
+        col = tap * BLOCKS_PER_TAP + cb
         for q in range(tl.load(col_ptr + col), tl.load(col_ptr + col + 1)):
             r = tl.load(row_idx + q)
             s = tl.load(tslot + q).to(tl.int64)
             co = r * BO + offs_o
-            dy_ptrs = dy + n[:, None] * sdn + co[None, :] * sdc + oh[:, None] * sdh + ow[:, None] * sdw
+            dy_ptrs = dy + n[:, None] * syn + co[None, :] * syc + oh[:, None] * syh + ow[:, None] * syw
             dyt = tl.load(dy_ptrs, mask=pix_ok[:, None] & ((offs_o < BO) & (co < COUT))[None, :], other=0.0)
             wt = tl.load(values + s * (BO * BI) + w_offs, mask=w_ok, other=0.0)
             acc = _dot(dyt, wt, acc, PRECISION, UPCAST)
@@ -139,8 +144,8 @@ def grad_input_kernel(
 @triton.jit
 def grad_blocks_kernel(
     dy, x, ent_row, ent_col, ent_out, out,
-    M, CHUNK, NB, CIN, H, W, COUT, OH, OW, KH, KW, CBPT, SH, SW, PH, PW, DH, DW,
-    sdn, sdc, sdh, sdw, sxn, sxc, sxh, sxw,
+    M, CHUNK, NB, CIN, H, W, COUT, OH, OW, KH, KW, BLOCKS_PER_TAP, SH, SW, PH, PW, DH, DW,
+    syn, syc, syh, syw, sxn, sxc, sxh, sxw,
     BO: tl.constexpr, BI: tl.constexpr, PBO: tl.constexpr, PBI: tl.constexpr,
     SPLIT: tl.constexpr, SQUARED_NORM: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -158,13 +163,13 @@ def grad_blocks_kernel(
     r = tl.load(ent_row + e)
     c = tl.load(ent_col + e)
     o = tl.load(ent_out + e).to(tl.int64)
-    tap = c // CBPT
+    tap = c // BLOCKS_PER_TAP
     ki = tap // KW
     kj = tap % KW
     offs_o = tl.arange(0, PBO)
     offs_i = tl.arange(0, PBI)
     co = r * BO + offs_o
-    ch = (c % CBPT) * BI + offs_i
+    ch = (c % BLOCKS_PER_TAP) * BI + offs_i
     co_ok = (offs_o < BO) & (co < COUT)
     ch_ok = (offs_i < BI) & (ch < CIN)
     acc = tl.zeros((PBO, PBI), dtype=tl.float32)
@@ -177,7 +182,7 @@ def grad_blocks_kernel(
         ih = oh * SH - PH + ki * DH
         iw = ow * SW - PW + kj * DW
         pix_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        dy_ptrs = dy + n[:, None] * sdn + co[None, :] * sdc + oh[:, None] * sdh + ow[:, None] * sdw
+        dy_ptrs = dy + n[:, None] * syn + co[None, :] * syc + oh[:, None] * syh + ow[:, None] * syw
         dyt = tl.load(dy_ptrs, mask=m_ok[:, None] & co_ok[None, :], other=0.0)
         x_ptrs = x + n[:, None] * sxn + ch[None, :] * sxc + ih[:, None] * sxh + iw[:, None] * sxw
         xt = tl.load(x_ptrs, mask=pix_ok[:, None] & ch_ok[None, :], other=0.0)

@@ -13,7 +13,13 @@ from __future__ import annotations
 import math
 from typing import Dict, List, Sequence
 
-DISTRIBUTIONS = ("erk", "er", "uniform")
+# the distributions, and what each name stands for
+DISTRIBUTION_NAMES: Dict[str, str] = {
+    "erk": "Erdős–Rényi-Kernel",
+    "er": "Erdős–Rényi",
+    "uniform": "the same density in every layer",
+}
+DISTRIBUTIONS = tuple(DISTRIBUTION_NAMES)
 
 
 def _raw_score(shape: Sequence[int], distribution: str) -> float:

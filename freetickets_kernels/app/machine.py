@@ -6,7 +6,7 @@ import platform
 
 import torch
 
-from . import __version__
+from .._version import __version__
 
 
 def _cpu_model() -> str:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 import freetickets_kernels as ftk
 
-from ..layout import BlockSparseLayout
+from ...layout import BlockSparseLayout
 from ..progress import Progress
 from ..results import markdown_table, write_results
 from ..timing import median_seconds
@@ -173,7 +173,7 @@ def add_arguments(parser: argparse.ArgumentParser, out_default: str) -> None:
 
 
 def _device_and_backends(args) -> tuple:
-    from ..backends import triton_interpreted
+    from ...backends import triton_interpreted
 
     if torch.cuda.is_available():
         device = torch.device("cuda")

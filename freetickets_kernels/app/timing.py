@@ -1,12 +1,14 @@
-"""Wall-clock timing the way every figure of this project is measured: median of repeats."""
+"""Wall-clock timing the way every figure of this project is measured: median of repeats
+(of a function, of functions in turn, of the inference of models and ensembles)."""
 
 from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable, List, Sequence, Union
+from typing import Callable, Dict, List, Sequence, Union
 
 import torch
+from torch import nn
 
 
 def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 2,
@@ -62,3 +64,22 @@ def _median_cuda_seconds(fn: Callable[[], object], repeats: int) -> float:
         end.record()
     torch.cuda.synchronize()
     return statistics.median(start.elapsed_time(end) for start, end in events) / 1e3
+
+
+def inference_latency(models: Dict[str, Sequence[nn.Module]], batch: torch.Tensor, repeats: int = 20,
+                      warmup: int = 3) -> Dict[str, float]:
+    """Median seconds of one forward of ``batch`` through each entry's models, one after another
+    (an ensemble entry runs all of its members), measured in this one run."""
+    device = batch.device
+    out = {}
+    for name, group in models.items():
+        for m in group:
+            m.eval()
+
+        @torch.inference_mode()
+        def forward(group=group):
+            for m in group:
+                m(batch)
+
+        out[name] = median_seconds(forward, repeats, warmup, device)
+    return out

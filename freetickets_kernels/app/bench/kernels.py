@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 import freetickets_kernels as ftk
 
-from ..layout import BlockSparseLayout
+from ...layout import BlockSparseLayout
 from ..progress import Progress
 from ..results import markdown_table, write_results
 from ..timing import interleaved_median_seconds, median_seconds

@@ -9,7 +9,9 @@ from typing import List, Optional
 
 import torch
 
-from . import __version__, backends, bench_command, train_command
+from .. import backends
+from .._version import __version__
+from . import bench_command, train_command
 from .checkpoint import CheckpointError
 from .machine import machine_info
 

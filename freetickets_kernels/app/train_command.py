@@ -8,10 +8,12 @@ import sys
 
 import torch
 
-from . import distributed
+from .. import distributed
+from ..dst.growth import GROWTH, GROWTH_METHODS
+from ..models import MODELS, build_model
+from ..nn.densities import DISTRIBUTION_NAMES, DISTRIBUTIONS
 from .data import DATASETS, load_splits
-from .ensemble.training import METHODS, PlanRunner, TrainConfig
-from .models import MODELS, build_model
+from .training import METHODS, PlanRunner, TrainConfig
 
 # What an unflagged run uses per data set: the digits values keep the default
 # run under ten minutes on two CPU cores; the CIFAR ones are the paper's recipe.
@@ -20,15 +22,18 @@ PRESETS = {
     "cifar10": {"epochs": 250, "explore_epochs": 100, "batch_size": 128, "update_interval": 1000},
     "cifar100": {"epochs": 250, "explore_epochs": 100, "batch_size": 128, "update_interval": 1000},
 }
+DEFAULT_DATASET = "digits"
+# every other default is TrainConfig's, so the command and the Python API cannot drift apart
+DEFAULTS = TrainConfig()
 
-EXAMPLES = """\
+EXAMPLES = f"""\
 examples:
-  freetickets train                                  # EDST (M=3) + dense baseline on the digits, ~2 min on 2 CPU cores
+  freetickets train                                  # EDST (M={DEFAULTS.members}) + dense baseline on the digits, ~2 min on 2 CPU cores
   freetickets train --method dst --members 3         # DST Ensemble: 3 independent sparse runs
   freetickets train --resume --out runs/edst-digits  # continue an interrupted run
   freetickets train --dataset cifar10 --data-dir ~/data --download --model wrn-28-10 \\
       --density 0.2 --device cuda                    # the paper's CIFAR-10 setting, on a GPU
-  torchrun --nproc-per-node 2 -m freetickets_kernels.cli train   # two processes (DDP)
+  torchrun --nproc-per-node 2 -m freetickets_kernels.app.cli train   # two processes (DDP)
 
 The run directory (--out) gets checkpoint.pt after every epoch, members/*.pt
 as members are found, then results.json, summary.md and reliability.png."""
@@ -58,7 +63,21 @@ def _positive(text: str) -> int:
     return value
 
 
+def preset_default(key: str) -> str:
+    """What ``--<key>`` defaults to, read from :data:`PRESETS`: e.g. "60 on digits; 250 on cifar10, cifar100"
+    (the default data set first)."""
+    by_value = {}
+    for dataset in sorted(PRESETS, key=lambda d: d != DEFAULT_DATASET):
+        by_value.setdefault(PRESETS[dataset][key], []).append(dataset)
+    return "; ".join(f"{value} on {', '.join(datasets)}" for value, datasets in by_value.items())
+
+
+def _choices_help(names: dict) -> str:
+    return "; ".join(f"{name}: {what}" for name, what in names.items())
+
+
 def add_parser(sub) -> None:
+    bs = DEFAULTS.block_size
     p = sub.add_parser(
         "train", help="train a dense baseline and a DST / EDST ensemble, and compare them",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
@@ -68,42 +87,48 @@ def add_parser(sub) -> None:
             "latency (dense single vs each member vs the ensemble).  With no flags: scikit-learn's handwritten "
             "digits (shipped with scikit-learn, no download) and a small ResNet."))
     g = p.add_argument_group("what to train")
-    g.add_argument("--method", choices=METHODS, default="edst",
-                   help="edst: one run, M members (default); dst: M independent sparse runs; dense: baseline only")
-    g.add_argument("--model", choices=sorted(MODELS), default="small-resnet", help="default: small-resnet")
-    g.add_argument("--dataset", choices=DATASETS, default="digits", help="default: digits")
-    g.add_argument("--data-dir", default="./data", help="where CIFAR lives (default ./data)")
+    g.add_argument("--method", choices=METHODS, default=DEFAULTS.method,
+                   help="edst: one run, M members; dst: M independent sparse runs; dense: baseline only "
+                        "(default %(default)s)")
+    g.add_argument("--model", choices=sorted(MODELS), default="small-resnet", help="default: %(default)s")
+    g.add_argument("--dataset", choices=DATASETS, default=DEFAULT_DATASET, help="default: %(default)s")
+    g.add_argument("--data-dir", default="./data", help="where CIFAR lives (default %(default)s)")
     g.add_argument("--download", action="store_true", help="download CIFAR into --data-dir if missing")
     g.add_argument("--no-baseline", action="store_true", help="skip the dense baseline")
     g = p.add_argument_group("sparsity")
-    g.add_argument("--density", type=_density, default=0.2, help="kept fraction of the weights (default 0.2)")
-    g.add_argument("--block-size", type=_block_size, default=[16, 16], help="N or BoxBi (default 16)")
-    g.add_argument("--distribution", choices=("erk", "er", "uniform"), default="erk",
-                   help="per-layer densities (default erk)")
-    g.add_argument("--growth", choices=("gradient", "random"), default="gradient",
-                   help="gradient: RigL (default); random: SET")
+    g.add_argument("--density", type=_density, default=DEFAULTS.density,
+                   help="kept fraction of the weights (default %(default)s)")
+    g.add_argument("--block-size", type=_block_size, default=list(bs),
+                   help=f"N or BoxBi (default {bs[0] if bs[0] == bs[1] else f'{bs[0]}x{bs[1]}'})")
+    g.add_argument("--distribution", choices=DISTRIBUTIONS, default=DEFAULTS.distribution,
+                   help=f"per-layer densities: {_choices_help(DISTRIBUTION_NAMES)} (default %(default)s)")
+    g.add_argument("--growth", choices=GROWTH, default=DEFAULTS.growth,
+                   help=f"{_choices_help(GROWTH_METHODS)} (default %(default)s)")
     g.add_argument("--update-interval", type=_positive, help="iterations between DST updates "
-                   "(default 1000; 25 on digits, whose epoch is 20 iterations)")
-    g.add_argument("--prune-rate", type=float, default=0.5, help="initial prune rate, cosine-decayed (default 0.5)")
-    g.add_argument("--explore-fraction", type=float, default=0.8,
-                   help="EDST global exploration: fraction of live blocks moved (default 0.8)")
+                   f"(default {preset_default('update_interval')})")
+    g.add_argument("--prune-rate", type=float, default=DEFAULTS.prune_rate,
+                   help="initial prune rate, cosine-decayed (default %(default)s)")
+    g.add_argument("--explore-fraction", type=float, default=DEFAULTS.explore_fraction,
+                   help="EDST global exploration: fraction of live blocks moved (default %(default)s)")
     g = p.add_argument_group("schedule")
-    g.add_argument("--members", type=_positive, default=3, help="ensemble size M (default 3)")
+    g.add_argument("--members", type=_positive, default=DEFAULTS.members, help="ensemble size M (default %(default)s)")
     g.add_argument("--epochs", type=_positive, help="epochs of one training; EDST's whole run "
-                   "(default 250; 40 on digits)")
-    g.add_argument("--explore-epochs", type=_positive, help="EDST exploration epochs (default 100; 16 on digits)")
-    g.add_argument("--batch-size", type=_positive, help="per process (default 128; 64 on digits)")
-    g.add_argument("--lr", type=float, default=0.1, help="peak learning rate (default 0.1)")
-    g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--weight-decay", type=float, default=5e-4)
-    g.add_argument("--seed", type=int, default=0)
+                   f"(default {preset_default('epochs')})")
+    g.add_argument("--explore-epochs", type=_positive,
+                   help=f"EDST exploration epochs (default {preset_default('explore_epochs')})")
+    g.add_argument("--batch-size", type=_positive, help=f"per process (default {preset_default('batch_size')})")
+    g.add_argument("--lr", type=float, default=DEFAULTS.lr, help="peak learning rate (default %(default)s)")
+    g.add_argument("--momentum", type=float, default=DEFAULTS.momentum, help="default %(default)s")
+    g.add_argument("--weight-decay", type=float, default=DEFAULTS.weight_decay, help="default %(default)s")
+    g.add_argument("--seed", type=int, default=DEFAULTS.seed, help="default %(default)s")
     g = p.add_argument_group("running")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu or cuda[:N] (default: cuda when available)")
     g.add_argument("--threads", type=_positive, help="CPU threads (default: torch's)")
     g.add_argument("--out", help="run directory (default runs/<method>-<dataset>)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
-    g.add_argument("--latency-repeats", type=_positive, default=20, help="timed forwards per model (default 20)")
+    g.add_argument("--latency-repeats", type=_positive, default=20,
+                   help="timed forwards per model (default %(default)s)")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -133,7 +158,7 @@ def _device(text: str) -> torch.device:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .ensemble.report import format_table, summarize, write_outputs
+    from .report import format_table, summarize, write_outputs
 
     _check_requirements(args.dataset)
     device = _device(args.device)

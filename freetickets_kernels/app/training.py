@@ -22,13 +22,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .. import checkpoint, distributed
+from .. import distributed
 from ..dst import DynamicSparseTraining
+from ..ensemble.evaluation import predict
+from ..ensemble.schedules import Phase, dense_plan, dst_ensemble_plan, edst_plan
 from ..layout import block_size_pair, check_density
 from ..nn.sparsify import sparsify
-from ..progress import Progress
-from .evaluation import predict
-from .schedules import Phase, dense_plan, dst_ensemble_plan, edst_plan
+from . import checkpoint
+from .progress import Progress
 
 METHODS = ("dense", "dst", "edst")
 CHECKPOINT = "checkpoint.pt"

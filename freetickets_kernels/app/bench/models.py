@@ -27,9 +27,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..dst import DynamicSparseTraining
-from ..flops import count_flops, parameter_count
-from ..nn.sparsify import sparsify
+from ...dst import DynamicSparseTraining
+from ...flops import count_flops, parameter_count
+from ...nn.sparsify import sparsify
 from ..progress import Progress
 from ..results import markdown_table, write_results
 from ..timing import median_seconds
@@ -47,7 +47,7 @@ COLUMNS = ["model", "block", "density", "kind", "infer_ms", "infer_speedup", "tr
 
 
 def _build(name: str) -> nn.Module:
-    from ..models import build_model
+    from ...models import build_model
 
     builder, _, classes = MODEL_SPECS[name]
     return build_model(builder, classes, 3)

@@ -14,11 +14,12 @@ from typing import Dict, List, Optional
 import torch
 from torch.utils.data import Dataset
 
+from ..ensemble.evaluation import member_logits
+from ..ensemble.metrics import calibration_bins, ensemble_metrics, single_metrics
 from ..flops import count_flops, parameter_count
-from ..machine import machine_info
-from ..results import markdown_table, write_text_atomic
-from .evaluation import inference_latency, member_logits
-from .metrics import calibration_bins, ensemble_metrics, single_metrics
+from .machine import machine_info
+from .results import markdown_table, write_text_atomic
+from .timing import inference_latency
 from .training import PlanRunner, RunResult
 
 COLUMNS = ["model", "accuracy", "nll", "ece", "train_flops", "train_flops_x_dense", "inference_flops",
