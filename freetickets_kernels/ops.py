@@ -17,9 +17,10 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
-from . import backends
+from . import autocast, backends
 from .layout import BlockSparseLayout, IntPair, cdiv
 from .validation import (
+    autocast_casts,
     check_conv_input,
     check_layout,
     check_linear_input,
@@ -256,6 +257,13 @@ def _(grad_out, x, block_size, kernel_size, stride, padding, dilation):
     return x.new_empty(cdiv(grad_out.shape[1], block_size[0]), cols)
 
 
+# every op above runs in the autocast dtype inside torch.autocast (cpu, cuda)
+autocast.register([
+    "linear_forward", "linear_grad_input", "linear_grad_values", "linear_grad_block_norms",
+    "conv2d_forward", "conv2d_grad_input", "conv2d_grad_values", "conv2d_grad_block_norms",
+])
+
+
 # ------------------------------------------------------------- public API
 
 
@@ -326,7 +334,7 @@ def dense_grad_block_norms(
     for name, t in (("x", x), ("grad_output", grad_output)):
         if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point:
             raise TypeError(f"{op}: {name} must be a floating-point tensor")
-    if grad_output.dtype != x.dtype or grad_output.device != x.device:
+    if (grad_output.dtype != x.dtype and not autocast_casts(x, grad_output)) or grad_output.device != x.device:
         raise TypeError(
             f"{op}: x is {x.dtype} on {x.device} but grad_output is "
             f"{grad_output.dtype} on {grad_output.device}"

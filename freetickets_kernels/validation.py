@@ -21,6 +21,14 @@ def check_layout(layout: object, op: str, conv: bool) -> BlockSparseLayout:
     return layout
 
 
+def autocast_casts(*tensors: torch.Tensor) -> bool:
+    """Whether an autocast region on these tensors' device will cast them all to one dtype
+    (freetickets_kernels/autocast.py; float64 is never cast), so differing dtypes are fine."""
+    device_type = tensors[0].device.type
+    return (device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type)
+            and all(t.dtype != torch.float64 for t in tensors))
+
+
 def check_operands(
     op: str,
     x: object,
@@ -35,7 +43,7 @@ def check_operands(
         raise TypeError(f"{op}: input must be a floating-point tensor, got {x.dtype}")
     if not isinstance(values, torch.Tensor):
         raise TypeError(f"{op}: values must be a tensor, got {type(values).__name__}")
-    if values.dtype != x.dtype:
+    if values.dtype != x.dtype and not autocast_casts(x, values):
         raise TypeError(
             f"{op}: input is {x.dtype} but values are {values.dtype}; cast one of them "
             "(e.g. module.to(input.dtype))"
@@ -53,7 +61,7 @@ def check_operands(
     if bias is not None:
         if not isinstance(bias, torch.Tensor):
             raise TypeError(f"{op}: bias must be a tensor or None, got {type(bias).__name__}")
-        if bias.dtype != x.dtype or bias.device != x.device:
+        if (bias.dtype != x.dtype and not autocast_casts(x, bias)) or bias.device != x.device:
             raise TypeError(
                 f"{op}: bias is {bias.dtype} on {bias.device} but input is {x.dtype} on {x.device}"
             )

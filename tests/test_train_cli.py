@@ -31,6 +31,17 @@ def test_train_smoke(tmp_path, capsys):
     assert main(TINY + ["--out", str(tmp_path), "--resume"]) == 0
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_train_in_mixed_precision(tmp_path, capsys, precision):
+    # autocast through DST updates (RigL scoring), explorations, evaluation and latency
+    assert main(TINY + ["--no-baseline", "--precision", precision, "--out", str(tmp_path)]) == 0
+    assert f"precision {precision}" in capsys.readouterr().out
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["config"]["precision"] == precision
+    assert results["counters"]["ensemble"]["updates"] > 0
+    assert all(0 <= r["accuracy"] <= 1 for r in results["rows"])
+
+
 def _exit_code(argv):
     try:
         return main(argv)
@@ -43,6 +54,7 @@ def _exit_code(argv):
     (["--density", "1.5"], "density must be in (0, 1]"),
     (["--block-size", "0"], "block size must be positive"),
     (["--model", "vgg"], "invalid choice"),
+    (["--precision", "fp8"], "invalid choice"),
     (["--epochs", "4", "--explore-epochs", "1", "--members", "2"], "multiple of members"),
 ])
 def test_bad_options_fail_in_one_line(tmp_path, capsys, flags, message):

@@ -308,8 +308,11 @@ at::Tensor conv2d_forward(const at::Tensor& x, const at::Tensor& values_, const 
                           const std::optional<at::Tensor>& bias, int64_t out_channels,
                           at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding,
                           at::IntArrayRef dilation) {
-  check_float(x, "x");
-  check_float(values_, "values");
+  const at::ScalarType dtype = op_dtype({&x, &values_}, {"x", "values"});
+  if (bias.has_value()) op_dtype({&x, &*bias}, {"x", "bias"});
+  if (dtype != at::kFloat)
+    return widened_call(dtype, conv2d_forward, x, values_, row_ptr, col_idx, slot, bias, out_channels, kernel, stride,
+                        padding, dilation);
   const ConvGeom g = conv_geom(x.sizes(), out_channels, kernel, stride, padding, dilation);
   const int64_t nnzb = values_.size(0), bo = values_.size(1), bi = values_.size(2);
   const int64_t blocks_per_tap = cdiv(g.cin, bi), R = row_ptr.numel() - 1;
@@ -348,8 +351,10 @@ at::Tensor conv2d_grad_input(const at::Tensor& dy, const at::Tensor& values_, co
                              const at::Tensor& row_idx, const at::Tensor& tslot,
                              at::IntArrayRef input_size, at::IntArrayRef kernel, at::IntArrayRef stride,
                              at::IntArrayRef padding, at::IntArrayRef dilation) {
-  check_float(dy, "grad_out");
-  check_float(values_, "values");
+  const at::ScalarType dtype = op_dtype({&dy, &values_}, {"grad_out", "values"});
+  if (dtype != at::kFloat)
+    return widened_call(dtype, conv2d_grad_input, dy, values_, col_ptr, row_idx, tslot, input_size, kernel, stride,
+                        padding, dilation);
   const ConvGeom g = conv_geom(input_size, dy.size(1), kernel, stride, padding, dilation);
   TORCH_CHECK(dy.size(2) == g.oh && dy.size(3) == g.ow,
               "freetickets_cpu: grad_out spatial size does not match the conv geometry");
@@ -402,8 +407,10 @@ at::Tensor conv2d_grad_values(const at::Tensor& dy, const at::Tensor& x, const a
                               const at::Tensor& col_idx, const at::Tensor& slot,
                               at::IntArrayRef block_size, at::IntArrayRef kernel, at::IntArrayRef stride,
                               at::IntArrayRef padding, at::IntArrayRef dilation) {
-  check_float(dy, "grad_out");
-  check_float(x, "x");
+  const at::ScalarType dtype = op_dtype({&dy, &x}, {"grad_out", "x"});
+  if (dtype != at::kFloat)
+    return widened_call(dtype, conv2d_grad_values, dy, x, row_ptr, col_idx, slot, block_size, kernel, stride, padding,
+                        dilation);
   const ConvGeom g = conv_geom(x.sizes(), dy.size(1), kernel, stride, padding, dilation);
   const int64_t nnzb = col_idx.numel(), bo = block_size[0], bi = block_size[1];
   const int64_t blocks_per_tap = cdiv(g.cin, bi), M = g.n * g.oh * g.ow;

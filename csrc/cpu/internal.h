@@ -8,6 +8,7 @@
 //   grad_values.cpp  the weight-gradient of the live blocks (linear and conv)
 //   linear.cpp       linear_forward, linear_grad_input, linear_grad_values
 //   conv2d.cpp       conv geometry, tap rows, planes, packing; conv2d_forward/_grad_input/_grad_values
+//   precision.cpp    the dtypes an op takes, and widening bfloat16/float16 to float32
 //   register.cpp     torch.ops.freetickets_cpu.* registration
 //   tile.h, tile_impl.inc, isa_*.cpp: the one inner kernel, built per instruction set
 // Measured reasons for the paths below: docs/cpu-backend.md.
@@ -26,8 +27,10 @@
 
 namespace ftk_cpu {
 
-// ------------------------------------------------------------------ the ops (register.cpp binds them)
+// ------------------------------------------------------------------ the ops
 
+// register.cpp binds these.  float32 tensors run the float32 kernels;
+// bfloat16 and float16 ones are widened (widened_call below).
 at::Tensor linear_forward(const at::Tensor& x, const at::Tensor& values, const at::Tensor& row_ptr,
                           const at::Tensor& col_idx, const at::Tensor& slot, const std::optional<at::Tensor>& bias,
                           int64_t out_features);
@@ -47,6 +50,7 @@ at::Tensor conv2d_grad_values(const at::Tensor& grad_out, const at::Tensor& x, c
                               const at::Tensor& col_idx, const at::Tensor& slot, at::IntArrayRef block_size,
                               at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding,
                               at::IntArrayRef dilation);
+
 std::string build_info();
 std::string set_isa(const std::string& name);
 
@@ -123,6 +127,32 @@ void share_items(int64_t n, Body body) {
       body(begin, std::min(n, begin + size));
     }
   });
+}
+
+// ------------------------------------------------------------------ precision.cpp
+
+// The dtype an op runs in: that of its floating operands, which must agree
+// and be float32, bfloat16 or float16 (`names` label them in the error).
+at::ScalarType op_dtype(std::initializer_list<const at::Tensor*> operands, std::initializer_list<const char*> names);
+
+// A bfloat16/float16 operand as float32 (a copy of its elements, same
+// strides); anything else as it is.  No dense weight appears: `values` are
+// the packed live blocks.
+at::Tensor widen(const at::Tensor& t);
+inline std::optional<at::Tensor> widen(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? std::optional<at::Tensor>(widen(*t)) : std::nullopt;
+}
+template <class T>
+const T& widen(const T& arg) {
+  return arg;
+}
+
+// The portable low-precision path: op(args) on float32 copies of its
+// bfloat16/float16 operands, accumulated in float32, the result rounded once
+// to `dtype` (same memory format).
+template <class Op, class... Args>
+at::Tensor widened_call(at::ScalarType dtype, Op op, const Args&... args) {
+  return op(widen(args)...).to(dtype);
 }
 
 // ------------------------------------------------------------------ sparse_gemm.cpp

@@ -72,8 +72,10 @@ constexpr int64_t kWeightsFirstTokens = 64;
 at::Tensor linear_forward(const at::Tensor& x_, const at::Tensor& values_, const at::Tensor& row_ptr,
                           const at::Tensor& col_idx, const at::Tensor& slot,
                           const std::optional<at::Tensor>& bias, int64_t out_features) {
-  check_float(x_, "x");
-  check_float(values_, "values");
+  const at::ScalarType dtype = op_dtype({&x_, &values_}, {"x", "values"});
+  if (bias.has_value()) op_dtype({&x_, &*bias}, {"x", "bias"});
+  if (dtype != at::kFloat)
+    return widened_call(dtype, linear_forward, x_, values_, row_ptr, col_idx, slot, bias, out_features);
   const at::Tensor x = x_.contiguous();
   at::Tensor y = at::empty({x.size(0), out_features}, x.options());
   const int64_t n = x.size(0), in = x.size(1), nnzb = values_.size(0);
@@ -117,8 +119,9 @@ at::Tensor linear_forward(const at::Tensor& x_, const at::Tensor& values_, const
 // dx [N, in] = dy W.
 at::Tensor linear_grad_input(const at::Tensor& dy_, const at::Tensor& values_, const at::Tensor& col_ptr,
                              const at::Tensor& row_idx, const at::Tensor& tslot, int64_t in_features) {
-  check_float(dy_, "grad_out");
-  check_float(values_, "values");
+  const at::ScalarType dtype = op_dtype({&dy_, &values_}, {"grad_out", "values"});
+  if (dtype != at::kFloat)
+    return widened_call(dtype, linear_grad_input, dy_, values_, col_ptr, row_idx, tslot, in_features);
   const at::Tensor dy = dy_.contiguous(), values = values_.contiguous();
   at::Tensor dx = at::empty({dy.size(0), in_features}, dy.options());
   const int64_t n = dy.size(0), out = dy.size(1), nnzb = values.size(0);
@@ -144,8 +147,9 @@ at::Tensor linear_grad_input(const at::Tensor& dy_, const at::Tensor& values_, c
 at::Tensor linear_grad_values(const at::Tensor& dy_, const at::Tensor& x_, const at::Tensor& row_ptr,
                               const at::Tensor& col_idx, const at::Tensor& slot,
                               at::IntArrayRef block_size) {
-  check_float(dy_, "grad_out");
-  check_float(x_, "x");
+  const at::ScalarType dtype = op_dtype({&dy_, &x_}, {"grad_out", "x"});
+  if (dtype != at::kFloat)
+    return widened_call(dtype, linear_grad_values, dy_, x_, row_ptr, col_idx, slot, block_size);
   const at::Tensor dy = dy_.contiguous(), x = x_.contiguous();
   const GradCols b{x.data_ptr<float>(), 1, x.size(1), 0, x.size(1)};
   // grad_out^T in scratch: read in place, a block row's reduction steps lie

@@ -20,7 +20,7 @@ from ..flops import count_flops, parameter_count
 from .machine import machine_info
 from .results import markdown_table, write_text_atomic
 from .timing import inference_latency
-from .training import PlanRunner, RunResult
+from .training import PlanRunner, RunResult, precision_context
 
 COLUMNS = ["model", "accuracy", "nll", "ece", "train_flops", "train_flops_x_dense", "inference_flops",
            "inference_flops_x_dense", "params", "latency_ms", "latency_x_dense"]
@@ -42,7 +42,9 @@ def summarize(ensemble: RunResult, ensemble_runner: PlanRunner, test: Dataset, e
     device = ensemble_runner.device
     batch = ensemble_runner.config.batch_size
     members = [ensemble_runner.member_model(m) for m in ensemble.members]
-    logits, targets = member_logits(members, test, batch, device)
+    in_precision = lambda: precision_context(device, ensemble.config.precision)  # noqa: E731
+    with in_precision():
+        logits, targets = member_logits(members, test, batch, device)
     metrics = ensemble_metrics(logits, targets)
     flops = [count_flops(m, example) for m in members]
     params = [parameter_count(m) for m in members]
@@ -55,7 +57,8 @@ def summarize(ensemble: RunResult, ensemble_runner: PlanRunner, test: Dataset, e
     dense_row = None
     if dense is not None:
         dense_model = dense_runner.member_model(dense.members[0])
-        dense_logits, _ = member_logits([dense_model], test, batch, device)
+        with in_precision():
+            dense_logits, _ = member_logits([dense_model], test, batch, device)
         dense_metrics = single_metrics(dense_logits[0], targets)
         calibration["dense"] = calibration_bins(dense_logits[0].double().softmax(-1), targets)
         dense_flops = count_flops(dense_model, example)
@@ -63,7 +66,8 @@ def summarize(ensemble: RunResult, ensemble_runner: PlanRunner, test: Dataset, e
         dense_row = {"model": "dense", **dense_metrics,
                      "train_flops": dense_flops.training(dense.counters["samples"]),
                      "inference_flops": dense_flops.forward, **parameter_count(dense_model)}
-    latency = inference_latency(timed, example.to(device), repeats=latency_repeats)
+    with in_precision():
+        latency = inference_latency(timed, example.to(device), repeats=latency_repeats)
     if dense_row is not None:
         rows.append(dense_row)
     for i, (f, p) in enumerate(zip(flops, params)):
@@ -113,7 +117,8 @@ def format_table(summary: Dict[str, object]) -> str:
     div = summary["diversity"]
     out = [line(HEADINGS), line(["-" * w for w in widths])] + [line(c) for c in cells]
     out.append(f"members disagree on {div['disagreement']:.2%} of test samples; mean pairwise KL {div['kl']:.4f}")
-    out.append(f"latency: one batch of {summary['latency_batch'][0]} samples, median of repeats, this machine")
+    out.append(f"latency: one batch of {summary['latency_batch'][0]} samples, median of repeats, this machine; "
+               f"precision {summary['config'].get('precision', 'fp32')}")
     return "\n".join(out)
 
 

@@ -13,7 +13,7 @@ from ..dst.growth import GROWTH, GROWTH_METHODS
 from ..models import MODELS, build_model
 from ..nn.densities import DISTRIBUTION_NAMES, DISTRIBUTIONS
 from .data import DATASETS, load_splits
-from .training import METHODS, PlanRunner, TrainConfig
+from .training import METHODS, PRECISIONS, PlanRunner, TrainConfig
 
 # What an unflagged run uses per data set: the digits values keep the default
 # run under ten minutes on two CPU cores; the CIFAR ones are the paper's recipe.
@@ -124,6 +124,9 @@ def add_parser(sub) -> None:
     g = p.add_argument_group("running")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu or cuda[:N] (default: cuda when available)")
+    g.add_argument("--precision", choices=tuple(PRECISIONS), default=DEFAULTS.precision,
+                   help="autocast dtype of training and evaluation: bf16 (CPU with bf16 support, or GPU), "
+                        "fp16 (autocast + loss scaling; GPU), fp32 (no autocast; default %(default)s)")
     g.add_argument("--threads", type=_positive, help="CPU threads (default: torch's)")
     g.add_argument("--out", help="run directory (default runs/<method>-<dataset>)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
@@ -175,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
                   weight_decay=args.weight_decay, density=args.density, block_size=args.block_size,
                   distribution=args.distribution, growth=args.growth, update_interval=args.update_interval,
                   prune_rate=args.prune_rate, explore_fraction=args.explore_fraction, seed=args.seed,
-                  explore_epochs=args.explore_epochs, members=args.members)
+                  explore_epochs=args.explore_epochs, members=args.members, precision=args.precision)
     ensemble_cfg = TrainConfig(method=args.method, **common)
     splits = load_splits(args.dataset, args.data_dir, args.download, seed=args.seed)
     model_fn = lambda: build_model(args.model, splits.num_classes, splits.in_channels)  # noqa: E731
@@ -187,7 +190,8 @@ def run(args: argparse.Namespace) -> int:
 
     say(f"freetickets train: {args.method} on {args.dataset} ({len(splits.train)} train / {len(splits.val)} val / "
         f"{len(splits.test)} test), model {args.model}, density {args.density}, blocks "
-        f"{args.block_size[0]}x{args.block_size[1]}, {distributed.world_size()} process(es), {device}; "
+        f"{args.block_size[0]}x{args.block_size[1]}, {args.precision}, {distributed.world_size()} process(es), "
+        f"{device}; "
         f"run directory {out}")
     dense = dense_runner = None
     if args.method != "dense" and not args.no_baseline:

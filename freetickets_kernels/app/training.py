@@ -11,6 +11,7 @@ sees the same batches as an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import time
@@ -32,6 +33,10 @@ from . import checkpoint
 from .progress import Progress
 
 METHODS = ("dense", "dst", "edst")
+# --precision: the autocast dtype of training and evaluation (fp32: no autocast);
+# fp16 also scales the loss (torch.amp.GradScaler) and skips the DST update of
+# a step whose gradients overflowed
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 CHECKPOINT = "checkpoint.pt"
 FORMAT = 1
 
@@ -61,10 +66,13 @@ class TrainConfig:
     prune_rate: float = 0.5
     explore_fraction: float = 0.8
     seed: int = 0
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {self.precision!r}")
         self.block_size = list(block_size_pair(self.block_size))
         check_density(self.density, allow_zero=False)
         if self.batch_size <= 0:
@@ -101,6 +109,12 @@ def _order_seed(seed: int, phase: int, epoch: int) -> int:
     return (seed * 1_000_003 + phase * 10_007 + epoch) % (2 ** 63)
 
 
+def precision_context(device: torch.device, precision: str):
+    """``torch.autocast`` in ``precision``'s dtype on ``device`` (a no-op context for fp32)."""
+    dtype = PRECISIONS[precision]
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
 class PlanRunner:
     """Train ``config``'s plan on ``train`` data, choosing members on ``val`` data.
 
@@ -122,6 +136,7 @@ class PlanRunner:
         self.model: Optional[nn.Module] = None
         self.optimizer: Optional[torch.optim.Optimizer] = None
         self.dst: Optional[DynamicSparseTraining] = None
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
 
     def log(self, text: str) -> None:
         if self.main:
@@ -185,15 +200,19 @@ class PlanRunner:
         loss_sum = correct = seen = 0.0
         for x, y in bar:
             x, y = x.to(self.device), y.to(self.device)
-            out = self.trained(x)
-            loss = F.cross_entropy(out, y)
+            with precision_context(self.device, self.config.precision):
+                out = self.trained(x)
+                loss = F.cross_entropy(out, y)
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
+            self.scaler.scale(loss).backward()
+            scale = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)  # skipped when fp16 gradients overflowed
+            self.scaler.update()
+            overflowed = self.scaler.is_enabled() and self.scaler.get_scale() < scale
             counters["samples"] += len(y) * world
             counters["steps"] += 1
             if self.dst is not None:
-                entry = self.dst.step()
+                entry = self.dst.step(found_inf=overflowed)
                 if entry is not None:
                     if self.config.growth == "gradient":
                         counters["dense_gradient_samples"] += len(y) * world  # paid even when skipped
@@ -218,7 +237,9 @@ class PlanRunner:
             self.dst.arm_gradient_capture()
             self.trained.train()
             self.optimizer.zero_grad(set_to_none=True)
-            F.cross_entropy(self.trained(x), y).backward()
+            with precision_context(self.device, self.config.precision):
+                loss = F.cross_entropy(self.trained(x), y)
+            self.scaler.scale(loss).backward()  # block norms rank the same at any scale
             self.optimizer.zero_grad(set_to_none=True)
             counters["samples"] += len(y) * world
             counters["dense_gradient_samples"] += len(y) * world
@@ -243,6 +264,7 @@ class PlanRunner:
             "model": self.model.state_dict() if live else None,
             "optimizer": self.optimizer.state_dict() if live else None,
             "dst": self.dst.state_dict() if live and self.dst is not None else None,
+            "scaler": self.scaler.state_dict() if live else None,
             "best": best, "members": members, "counters": counters, "history": history,
             "seconds": seconds, "done": done,
         }
@@ -253,7 +275,8 @@ class PlanRunner:
         if state.get("format") != FORMAT:
             raise checkpoint.CheckpointError(f"{self.checkpoint_path} has format {state.get('format')}, "
                                              f"this version reads {FORMAT}")
-        saved, mine = state["config"], asdict(self.config)
+        # runs saved before --precision existed trained in fp32
+        saved, mine = {"precision": "fp32", **state["config"]}, asdict(self.config)
         diff = {k: (saved.get(k), v) for k, v in mine.items() if saved.get(k) != v}
         if diff:
             changes = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items())
@@ -293,6 +316,8 @@ class PlanRunner:
             self.optimizer.load_state_dict(state["optimizer"])
             if self.dst is not None:
                 self.dst.load_state_dict(state["dst"])
+            if state.get("scaler"):  # fp16's loss scale, as it had grown
+                self.scaler.load_state_dict(state["scaler"])
         for pi in range(phase_index, len(self.plan)):
             phase = self.plan[pi]
             if epoch == 0:
@@ -302,7 +327,8 @@ class PlanRunner:
                     self._explore(pi, counters)
             for e in range(epoch, phase.epochs):
                 row = self._train_epoch(pi, e, counters)
-                logits, targets = predict(self.model, self.val_set, self.config.batch_size, self.device)
+                with precision_context(self.device, self.config.precision):
+                    logits, targets = predict(self.model, self.val_set, self.config.batch_size, self.device)
                 val_acc = (logits.argmax(1) == targets).double().mean().item()
                 val_nll = F.cross_entropy(logits.double(), targets).item()
                 row.update(val_accuracy=val_acc, val_nll=val_nll, seconds=time.perf_counter() - start)

@@ -136,7 +136,8 @@ BACKENDS: Dict[str, Backend] = {
     b.name: b
     for b in (
         Backend("reference", None, None, _load_reference, "pure torch oracle (dense-speed)"),
-        Backend("cpu", ("cpu",), (torch.float32,), _load_cpu, "C++ OpenMP/SIMD kernels"),
+        Backend("cpu", ("cpu",), (torch.float32, torch.bfloat16, torch.float16), _load_cpu,
+                "C++ OpenMP/SIMD kernels (bf16/fp16: widened to fp32 at op entry)"),
         Backend("triton", ("cuda",), (torch.float16, torch.bfloat16, torch.float32), _load_triton,
                 "Triton GPU kernels", cpu_when_interpreted=True),
         Backend("cuda", ("cuda",), (torch.float16, torch.bfloat16, torch.float32), _load_cuda,

@@ -1,4 +1,8 @@
-"""The ``cpu`` backend: the C++ extension's kernels (csrc/cpu), float32.
+"""The ``cpu`` backend: the C++ extension's kernels (csrc/cpu).
+
+float32 runs the float32 kernels; bfloat16 and float16 tensors are widened
+to float32 at each op's entry (csrc/cpu/precision.cpp) and the result is
+rounded once, so they never fall to the reference backend.
 
 Importing this module loads ``freetickets_kernels._cpu``, whose static
 registrations create ``torch.ops.freetickets_cpu.*``.  The extension's ops

@@ -75,14 +75,22 @@ def _medians(fns, repeats, interleaved):
     return [median_seconds(fn, repeats) for fn in fns]
 
 
-def bench_linear(tokens, inn, out, block, density, passes, repeats, interleaved=False):
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def bench_linear(tokens, inn, out, block, density, passes, repeats, interleaved=False, dtype="fp32"):
     w = torch.randn(out, inn)
     values, layout = BlockSparseLayout.from_dense(w, block, density=density)
+    values = values.to(DTYPES[dtype])
     wd = layout.unpack(values)
-    x = torch.randn(tokens, inn)
+    x = torch.randn(tokens, inn, dtype=DTYPES[dtype])
     rows = []
     for p in passes:
-        if p == "fwd":
+        if p == "fwd" and dtype != "fp32":  # torch.sparse BSR F.linear: float32 only on CPU
+            ours, dense = _medians([lambda: ftk.block_sparse_linear(x, values, layout), lambda: F.linear(x, wd)],
+                                   repeats, interleaved)
+            bsr = None
+        elif p == "fwd":
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # torch.sparse BSR is "beta"
                 w_bsr = wd.to_sparse_bsr((block, block))
@@ -95,20 +103,21 @@ def bench_linear(tokens, inn, out, block, density, passes, repeats, interleaved=
                 [_train_step(lambda: ftk.block_sparse_linear(xg, vg, layout), xg, vg),
                  _train_step(lambda: F.linear(xg, wg), xg, wg)], repeats, interleaved)
             bsr = None
-        rows.append(dict(op="linear", shape=f"{tokens}x{inn}->{out}", block=block, density=density,
+        rows.append(dict(op="linear", shape=f"{tokens}x{inn}->{out}", dtype=dtype, block=block, density=density,
                          layout_density=round(layout.density, 4), **{"pass": p},
                          ours_ms=ours * 1e3, dense_ms=dense * 1e3, speedup=dense / ours,
                          ideal=1 / density, bsr_speedup=(dense / bsr) if bsr else None))
     return rows
 
 
-def bench_conv(spec, block, density, passes, repeats, memory_format, interleaved=False):
+def bench_conv(spec, block, density, passes, repeats, memory_format, interleaved=False, dtype="fp32"):
     name, batch, cin, cout, k, hw, stride, padding = spec
     w = torch.randn(cout, cin, k, k)
     values, layout = BlockSparseLayout.from_dense(w, block, density=density)
+    values = values.to(DTYPES[dtype])
     wd = layout.unpack(values)
     fmt = torch.channels_last if memory_format == "channels_last" else torch.contiguous_format
-    x = torch.randn(batch, cin, hw, hw).contiguous(memory_format=fmt)
+    x = torch.randn(batch, cin, hw, hw, dtype=DTYPES[dtype]).contiguous(memory_format=fmt)
     rows = []
     for p in passes:
         if p == "fwd":
@@ -120,7 +129,8 @@ def bench_conv(spec, block, density, passes, repeats, memory_format, interleaved
             ours, dense = _medians(
                 [_train_step(lambda: ftk.block_sparse_conv2d(xg, vg, layout, None, stride, padding), xg, vg),
                  _train_step(lambda: F.conv2d(xg, wg, None, stride, padding), xg, wg)], repeats, interleaved)
-        rows.append(dict(op="conv2d", shape=f"{name} b{batch} {memory_format}", block=block, density=density,
+        rows.append(dict(op="conv2d", shape=f"{name} b{batch} {memory_format}", dtype=dtype, block=block,
+                         density=density,
                          layout_density=round(layout.density, 4), **{"pass": p},
                          ours_ms=ours * 1e3, dense_ms=dense * 1e3, speedup=dense / ours,
                          ideal=1 / density, bsr_speedup=None))
@@ -136,6 +146,9 @@ def add_arguments(parser: argparse.ArgumentParser, out_default: str) -> None:
     parser.add_argument("--passes", nargs="+", choices=["fwd", "fwd+bwd"], default=["fwd", "fwd+bwd"])
     parser.add_argument("--formats", nargs="+", choices=["nchw", "channels_last"], default=["nchw", "channels_last"],
                         help="conv input memory format; dense F.conv2d gets the same input")
+    parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=["fp32"],
+                        help="precisions to time, each against the dense op in the same precision (default fp32; "
+                             "bf16/fp16 run our widened-to-fp32 path, dense runs oneDNN in that precision)")
     parser.add_argument("--interleaved", action="store_true",
                         help="call ours and dense in turn in every timed round: each op then finds the caches as the "
                              "other left them, as a layer inside a network does (default: each op timed on its own, "
@@ -163,16 +176,16 @@ def run(args: argparse.Namespace) -> int:
     jobs = []
     if "linear" in args.ops:
         for shape, block in itertools.product(QUICK_LINEAR if args.quick else LINEAR_SHAPES, (16, 32, 64)):
-            jobs += [("linear", shape, block, d) for d in args.densities]
+            jobs += [("linear", shape, block, d, t) for d in args.densities for t in args.dtypes]
     if "conv2d" in args.ops:
         for spec, fmt, block in itertools.product(QUICK_CONV if args.quick else CONV_SHAPES, args.formats, (16, 32)):
-            jobs += [("conv2d", (spec, fmt), block, d) for d in args.densities]
+            jobs += [("conv2d", (spec, fmt), block, d, t) for d in args.densities for t in args.dtypes]
     def bench(job, repeats):
-        op, shape, block, density = job
+        op, shape, block, density, dtype = job
         if op == "linear":
-            return bench_linear(*shape, block, density, args.passes, repeats, args.interleaved)
+            return bench_linear(*shape, block, density, args.passes, repeats, args.interleaved, dtype)
         spec, fmt = shape
-        return bench_conv(spec, block, density, args.passes, repeats, fmt, args.interleaved)
+        return bench_conv(spec, block, density, args.passes, repeats, fmt, args.interleaved, dtype)
 
     rows = []
     with ftk.use_backend("cpu"):
@@ -185,12 +198,12 @@ def run(args: argparse.Namespace) -> int:
                 bench(first, 3)
         for job in Progress(jobs, "cpu kernels"):
             rows += bench(job, args.repeats)
-    columns = ["op", "shape", "pass", "block", "density", "ours_ms", "dense_ms", "speedup", "ideal", "bsr_speedup"]
+    columns = ["op", "shape", "dtype", "pass", "block", "density", "ours_ms", "dense_ms", "speedup", "ideal", "bsr_speedup"]
     from freetickets_kernels.backends import cpu
 
     order = ("ours and dense (and BSR) called in turn in each round, each finding the caches as the other left "
              "them" if args.interleaved else "dense timed right after ours, each warm from its own calls")
-    notes = (f"float32, {args.threads} threads, median of {args.repeats}, {order}; dense = F.linear/F.conv2d on the "
+    notes = (f"{', '.join(args.dtypes)} (dense in the same dtype), {args.threads} threads, median of {args.repeats}, {order}; dense = F.linear/F.conv2d on the "
              f"densified weight; fwd+bwd = forward + backward from a fixed random upstream gradient; "
              f"bsr_speedup = torch.sparse BSR F.linear vs dense. cpu backend: {cpu.build_info()}")
     name = args.name or ("cpu_kernels_quick" if args.quick else "cpu_kernels")
