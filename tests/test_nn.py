@@ -200,3 +200,10 @@ def test_wrn28_10_and_wide_resnet50_sparsify():
     report = ftk.sparsify(wide, density=0.1, block_size=32, exclude=["conv1"])
     assert len(report.sparse_layers) > 40
     assert report.global_density() == pytest.approx(0.1, abs=0.02)
+
+
+@pytest.mark.parametrize("layer", [torch.nn.Linear(64, 64), torch.nn.Conv2d(8, 8, 3)])
+def test_sparsify_refuses_a_bare_layer_with_what_to_call(layer):
+    with pytest.raises(ValueError, match="from_dense"):
+        ftk.sparsify(layer, density=0.5, block_size=8)
+    assert type(layer) in (torch.nn.Linear, torch.nn.Conv2d) and not list(layer.children())

@@ -420,6 +420,7 @@ at::Tensor conv2d_grad_values(const at::Tensor& dy, const at::Tensor& x, const a
   if (g.pointwise())
     return grad_values_pointwise(a, b, g.n, g.h * g.w, row_ptr, col_idx, slot, block_size, x);
   check_indices(row_ptr, col_idx, slot, g.taps() * blocks_per_tap, nnzb, "BSR");
+  if (M == 0) return at::zeros({nnzb, bo, bi}, x.options());  // an empty batch: no gradient
   std::vector<TapWork> work = taps_with_entries(row_ptr, col_idx, slot, g.taps(), blocks_per_tap, bi);
   // units are output rows (n, oh); each tap reads one segment of a row: the
   // output columns whose input column iw = ow*sw - pw + j*dw lies inside the image

@@ -190,6 +190,7 @@ at::Tensor grad_values_pointwise(const GradRows& a, const GradCols& b, int64_t i
   const int64_t rows = images * per_image, in = b.cols, nnzb = col_idx.numel(), bo = block_size[0],
                 bi = block_size[1];
   check_indices(row_ptr, col_idx, slot, cdiv(in, bi), nnzb, "BSR");
+  if (rows == 0) return at::zeros({nnzb, bo, bi}, like.options());  // an empty batch: no gradient
   std::vector<TapWork> work = taps_with_entries(row_ptr, col_idx, slot, 1, cdiv(in, bi), bi);
   TapWork& tw = work[0];
   tw.unit_ptr.push_back(0);

@@ -158,6 +158,10 @@ at::Tensor linear_grad_values(const at::Tensor& dy_, const at::Tensor& x_, const
   // hardware prefetchers.  Convs keep their own layout (docs/cpu-backend.md,
   // "Transposed grad_out for linear grad-values").
   const int64_t n = dy.size(0), out = dy.size(1);
+  if (n == 0) {  // an empty batch: no gradient
+    check_indices(row_ptr, col_idx, slot, cdiv(x.size(1), block_size[1]), col_idx.numel(), "BSR");
+    return at::zeros({col_idx.numel(), block_size[0], block_size[1]}, x.options());
+  }
   const at::Tensor dyt = scratch(kTransposeA, {out, n}, dy.options());
   transpose_parallel(dy.data_ptr<float>(), out, n, out, dyt.data_ptr<float>(), n);
   const GradRows a{dyt.data_ptr<float>(), n, 1, 0, out};

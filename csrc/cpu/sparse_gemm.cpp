@@ -93,6 +93,7 @@ BlockGroups group_blocks(const SparseGemm& g, int64_t n_chunks) {
 }  // namespace
 
 void run_on(const SparseGemm& g, int64_t rows, const OutRows& out, FillRows fill_rows) {
+  if (rows <= 0) return;  // an empty batch: nothing to compute (and no chunks to share out)
   const IsaKernel& k = isa();
   const int tr = std::min(k.tile_rows(g.width), kMaxTileRows);
   const int64_t chunk = g.row_group ? g.row_group : g.transposed_b ? rows : int64_t(tr) * 4;

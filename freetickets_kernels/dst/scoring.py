@@ -37,11 +37,17 @@ class GradientCapture:
             return
         self.armed = False
         saved = {"input": op_input.detach()}
+        # The gradient is taken where the op's own autograd node receives it, not
+        # by a hook on `output`: an in-place op on the output (ReLU(inplace=True),
+        # `h += 1`) or on a view of it (linear's reshape) moves the tensor to a new
+        # node, and a tensor hook would then never fire.
+        node = (output._base if output._base is not None else output).grad_fn
+        shape = output.shape
 
-        def keep_grad(grad):
-            saved["grad"] = grad.detach()
+        def keep_grad(grad_outputs):
+            saved["grad"] = grad_outputs[0].detach().reshape(shape)
 
-        output.register_hook(keep_grad)
+        node.register_prehook(keep_grad)
         self.saved = saved
 
 

@@ -66,6 +66,10 @@ def sparsify(model: nn.Module, density: float, block_size: IntPair = 32, distrib
             raise ValueError(f"{name} is already block-sparse: densify(model) first")
         if not isinstance(module, (nn.Linear, nn.Conv2d)):
             continue
+        if not name:  # sparsify swaps children in place: it cannot replace the object it was given
+            cls = "SparseLinear" if isinstance(module, nn.Linear) else "SparseConv2d"
+            raise ValueError(f"sparsify: the model itself is an nn.{type(module).__name__}, which cannot be "
+                             f"replaced in place; use ftk.{cls}.from_dense(layer, density, block_size)")
         row = dict(name=name, shape=tuple(module.weight.shape), params=module.weight.numel(), density=1.0)
         if type(module) not in (nn.Linear, nn.Conv2d):
             report.rows.append(dict(row, status=f"dense: {type(module).__name__} is not a plain Linear/Conv2d"))
