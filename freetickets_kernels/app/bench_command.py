@@ -7,6 +7,7 @@ import argparse
 import torch
 
 from .bench import gpu_kernels, kernels, models
+from .results import check_out_dir
 
 EPILOG = """\
 examples:
@@ -27,19 +28,24 @@ def add_parser(sub) -> None:
     k = suites.add_parser("kernels", help="linear and conv2d ops vs dense torch and torch.sparse BSR",
                           description=kernels.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     kernels.add_arguments(k, "bench-results")
-    k.set_defaults(func=lambda args: kernels.run(args))
+    k.set_defaults(func=lambda args: _checked(kernels.run, args))
     g = suites.add_parser("gpu", help="Triton/CUDA ops vs cuBLAS/cuDNN and torch.sparse BSR, on a GPU",
                           description=gpu_kernels.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     gpu_kernels.add_arguments(g, "bench-results")
-    g.set_defaults(func=lambda args: gpu_kernels.run(args))
+    g.set_defaults(func=lambda args: _checked(gpu_kernels.run, args))
     m = suites.add_parser("models", help="ResNet-18/50, WRN-28-10: dense vs sparse vs sparse ensemble",
                           description=models.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     models.add_arguments(m, "bench-results")
-    m.set_defaults(func=lambda args: models.run(args))
+    m.set_defaults(func=lambda args: _checked(models.run, args))
     a = suites.add_parser("all", help="every suite this machine can run (gpu only with a GPU), defaults or --quick")
     a.add_argument("--quick", action="store_true", help="the small configuration of each suite")
     a.add_argument("--out", default="bench-results", help="directory for the result files (default %(default)s)")
     a.set_defaults(func=run_all)
+
+
+def _checked(run, args: argparse.Namespace) -> int:
+    check_out_dir(args.out)  # before a suite runs, not after it
+    return run(args)
 
 
 def _defaults(add_arguments, argv) -> argparse.Namespace:
@@ -49,6 +55,7 @@ def _defaults(add_arguments, argv) -> argparse.Namespace:
 
 
 def run_all(args: argparse.Namespace) -> int:
+    check_out_dir(args.out)
     extra = ["--out", args.out] + (["--quick"] if args.quick else [])
     suites = [kernels, models] + ([gpu_kernels] if torch.cuda.is_available() else [])
     for suite in suites:

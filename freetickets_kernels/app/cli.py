@@ -70,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(exc: BaseException) -> str:
+    """An error as one line, argparse style (torch's messages span several)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -84,7 +89,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 130
     except (ValueError, FileExistsError, FileNotFoundError, ImportError, CheckpointError,
             backends.BackendUnavailableError) as exc:
-        print(f"freetickets: error: {exc}", file=sys.stderr)
+        print(f"freetickets: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # e.g. a full disk while writing a checkpoint: one line, not a traceback
+        print(f"freetickets: error: {_one_line(exc)}", file=sys.stderr)
         return 2
 
 

@@ -17,6 +17,7 @@ from torch.utils.data import Dataset
 from ..ensemble.evaluation import member_logits
 from ..ensemble.metrics import calibration_bins, ensemble_metrics, single_metrics
 from ..flops import count_flops, parameter_count
+from .checkpoint import remove_stale_temporaries
 from .machine import machine_info
 from .results import markdown_table, write_text_atomic
 from .timing import inference_latency
@@ -142,8 +143,9 @@ def reliability_png(calibration: Dict[str, List[dict]], path: str) -> None:
         ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy", title=name)
         ax.legend(loc="upper left")
     fig.tight_layout()
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    remove_stale_temporaries(path)  # a report killed while plotting
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
     os.replace(tmp, path)
 

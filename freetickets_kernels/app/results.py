@@ -8,22 +8,31 @@ import os
 import tempfile
 from typing import Dict, List, Union
 
+from .checkpoint import write_atomic
 from .machine import machine_info
 
 
 def write_text_atomic(path: str, data: Union[str, bytes]) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename: never half-written."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.")
+    """Write ``data`` to ``path`` through a temporary file and a rename: never half-written; the file
+    gets the mode the umask gives (not mkstemp's 0600)."""
+    write_atomic(path, [data if isinstance(data, bytes) else data.encode("utf-8")])
+
+
+def check_out_dir(path: str, flag: str = "--out") -> None:
+    """Refuse, before any work, an output directory that is a file or cannot be written
+    (a ValueError naming ``flag``); creates nothing."""
+    target = os.path.abspath(path)
+    probe = target
+    while not os.path.lexists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        where = "" if probe == target else f" ({probe} is a file)"
+        raise ValueError(f"{flag} {path} is not a directory{where}; choose a directory")
     try:
-        with os.fdopen(fd, "wb" if isinstance(data, bytes) else "w") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as exc:
+        raise ValueError(f"{flag} {path} is not writable ({probe}: {exc.strerror or exc})") from None
 
 
 def markdown_table(rows: List[Dict[str, object]], columns: List[str]) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
@@ -13,6 +14,7 @@ from ..dst.growth import GROWTH, GROWTH_METHODS
 from ..models import MODELS, build_model
 from ..nn.densities import DISTRIBUTION_NAMES, DISTRIBUTIONS
 from .data import DATASETS, load_splits
+from .results import check_out_dir
 from .training import METHODS, PRECISIONS, PlanRunner, TrainConfig
 
 # What an unflagged run uses per data set: the digits values keep the default
@@ -50,14 +52,58 @@ def _block_size(text: str):
 
 
 def _density(text: str) -> float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"density must be in (0, 1], got {text!r}") from None
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"density must be in (0, 1], got {text}")
     return value
 
 
+def _number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = _number(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _number(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    value = _number(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative number, got {text}")
+    return value
+
+
+def _momentum(text: str) -> float:
+    value = _number(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
 def _positive(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return value
@@ -106,9 +152,9 @@ def add_parser(sub) -> None:
                    help=f"{_choices_help(GROWTH_METHODS)} (default %(default)s)")
     g.add_argument("--update-interval", type=_positive, help="iterations between DST updates "
                    f"(default {preset_default('update_interval')})")
-    g.add_argument("--prune-rate", type=float, default=DEFAULTS.prune_rate,
+    g.add_argument("--prune-rate", type=_fraction, default=DEFAULTS.prune_rate,
                    help="initial prune rate, cosine-decayed (default %(default)s)")
-    g.add_argument("--explore-fraction", type=float, default=DEFAULTS.explore_fraction,
+    g.add_argument("--explore-fraction", type=_fraction, default=DEFAULTS.explore_fraction,
                    help="EDST global exploration: fraction of live blocks moved (default %(default)s)")
     g = p.add_argument_group("schedule")
     g.add_argument("--members", type=_positive, default=DEFAULTS.members, help="ensemble size M (default %(default)s)")
@@ -117,16 +163,16 @@ def add_parser(sub) -> None:
     g.add_argument("--explore-epochs", type=_positive,
                    help=f"EDST exploration epochs (default {preset_default('explore_epochs')})")
     g.add_argument("--batch-size", type=_positive, help=f"per process (default {preset_default('batch_size')})")
-    g.add_argument("--lr", type=float, default=DEFAULTS.lr, help="peak learning rate (default %(default)s)")
-    g.add_argument("--momentum", type=float, default=DEFAULTS.momentum, help="default %(default)s")
-    g.add_argument("--weight-decay", type=float, default=DEFAULTS.weight_decay, help="default %(default)s")
+    g.add_argument("--lr", type=_positive_float, default=DEFAULTS.lr, help="peak learning rate (default %(default)s)")
+    g.add_argument("--momentum", type=_momentum, default=DEFAULTS.momentum, help="default %(default)s")
+    g.add_argument("--weight-decay", type=_non_negative, default=DEFAULTS.weight_decay, help="default %(default)s")
     g.add_argument("--seed", type=int, default=DEFAULTS.seed, help="default %(default)s")
     g = p.add_argument_group("running")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu or cuda[:N] (default: cuda when available)")
     g.add_argument("--precision", choices=tuple(PRECISIONS), default=DEFAULTS.precision,
                    help="autocast dtype of training and evaluation: bf16 (CPU with bf16 support, or GPU), "
-                        "fp16 (autocast + loss scaling; GPU), fp32 (no autocast; default %(default)s)")
+                        "fp16 (autocast + loss scaling; GPU, or CPU), fp32 (no autocast; default %(default)s)")
     g.add_argument("--threads", type=_positive, help="CPU threads (default: torch's)")
     g.add_argument("--out", help="run directory (default runs/<method>-<dataset>)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
@@ -179,7 +225,15 @@ def run(args: argparse.Namespace) -> int:
                   distribution=args.distribution, growth=args.growth, update_interval=args.update_interval,
                   prune_rate=args.prune_rate, explore_fraction=args.explore_fraction, seed=args.seed,
                   explore_epochs=args.explore_epochs, members=args.members, precision=args.precision)
+    # every check before any training: settings, the run directory, the checkpoints to resume
     ensemble_cfg = TrainConfig(method=args.method, **common)
+    with_baseline = args.method != "dense" and not args.no_baseline
+    dense_cfg = TrainConfig(method="dense", **common) if with_baseline else None
+    if distributed.is_main():
+        check_out_dir(out)
+    if args.resume and not os.path.isdir(out):
+        raise FileNotFoundError(f"--resume: {out} holds no run to continue (no such directory); "
+                                "drop --resume to start a new run there")
     splits = load_splits(args.dataset, args.data_dir, args.download, seed=args.seed)
     model_fn = lambda: build_model(args.model, splits.num_classes, splits.in_channels)  # noqa: E731
     say = print if distributed.is_main() else (lambda *a, **k: None)
@@ -193,11 +247,14 @@ def run(args: argparse.Namespace) -> int:
         f"{args.block_size[0]}x{args.block_size[1]}, {args.precision}, {distributed.world_size()} process(es), "
         f"{device}; "
         f"run directory {out}")
-    dense = dense_runner = None
-    if args.method != "dense" and not args.no_baseline:
-        dense_runner = runner(TrainConfig(method="dense", **common), "dense")
-        dense = dense_runner.run(resume=args.resume)
+    dense = None
+    dense_runner = runner(dense_cfg, "dense") if with_baseline else None
     ens_runner = runner(ensemble_cfg, args.method)
+    for r in (dense_runner, ens_runner):
+        if r is not None:
+            r.prepare(resume=args.resume)
+    if dense_runner is not None:
+        dense = dense_runner.run(resume=args.resume)
     ensemble = ens_runner.run(resume=args.resume)
     if not distributed.is_main():
         return 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -25,9 +26,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from .. import distributed
 from ..dst import DynamicSparseTraining
+from ..dst.growth import GROWTH
 from ..ensemble.evaluation import predict
 from ..ensemble.schedules import Phase, dense_plan, dst_ensemble_plan, edst_plan
 from ..layout import block_size_pair, check_density
+from ..nn.densities import DISTRIBUTIONS
 from ..nn.sparsify import sparsify
 from . import checkpoint
 from .progress import Progress
@@ -75,10 +78,25 @@ class TrainConfig:
             raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {self.precision!r}")
         self.block_size = list(block_size_pair(self.block_size))
         check_density(self.density, allow_zero=False)
-        if self.batch_size <= 0:
-            raise ValueError(f"batch_size must be positive, got {self.batch_size}")
-        if not 0 <= self.explore_fraction <= 1:
-            raise ValueError(f"explore_fraction must be in [0, 1], got {self.explore_fraction}")
+        for name in ("epochs", "explore_epochs", "members", "batch_size", "update_interval"):
+            value = getattr(self, name)
+            if not _is_int(value) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not _is_int(self.seed):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        for name, lo, hi, closed in (("prune_rate", 0, 1, True), ("explore_fraction", 0, 1, True),
+                                     ("momentum", 0, 1, False)):
+            value = getattr(self, name)
+            if not _is_real(value) or not (lo <= value <= hi if closed else lo <= value < hi):
+                raise ValueError(f"{name} must be in [{lo}, {hi}{']' if closed else ')'}, got {value!r}")
+        if not _is_real(self.lr) or not 0 < self.lr < math.inf:
+            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        if not _is_real(self.weight_decay) or not 0 <= self.weight_decay < math.inf:
+            raise ValueError(f"weight_decay must be a non-negative number, got {self.weight_decay!r}")
+        if self.distribution not in DISTRIBUTIONS:
+            raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {self.distribution!r}")
+        if self.growth not in GROWTH:
+            raise ValueError(f"growth must be one of {GROWTH}, got {self.growth!r}")
         self.plan()  # validates epochs / explore_epochs / members
 
     @property
@@ -103,6 +121,17 @@ class RunResult:
     counters: Dict[str, int]     # samples, dense_gradient_samples, steps, updates, explorations
     history: List[dict]          # one row per epoch
     seconds: float
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+COUNTERS = ("samples", "dense_gradient_samples", "steps", "updates", "explorations")
 
 
 def _order_seed(seed: int, phase: int, epoch: int) -> int:
@@ -170,6 +199,9 @@ class PlanRunner:
         self.model = self.build_model(phase.seed)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=phase.lrs[0], momentum=cfg.momentum,
                                          weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
+        # each run its own loss scale (independent DST members do not inherit one; a resume at a
+        # run's start matches an uninterrupted run)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
         self.dst = None
         if cfg.sparse:
             self.dst = DynamicSparseTraining(
@@ -239,11 +271,14 @@ class PlanRunner:
             self.optimizer.zero_grad(set_to_none=True)
             with precision_context(self.device, self.config.precision):
                 loss = F.cross_entropy(self.trained(x), y)
-            self.scaler.scale(loss).backward()  # block norms rank the same at any scale
+            self.scaler.scale(loss).backward()  # RigL scores in fp32: the scale changes no ranking
             self.optimizer.zero_grad(set_to_none=True)
             counters["samples"] += len(y) * world
             counters["dense_gradient_samples"] += len(y) * world
         entry = self.dst.explore(fraction)
+        if entry["kind"] == "skipped":  # a non-finite (e.g. overflowed fp16) gradient: no blocks moved
+            self.log(f"{self.plan[phase_index].name}: global exploration skipped: {entry['why']}")
+            return
         counters["explorations"] += 1
         changed = sum(layer["changed"] for layer in entry["layers"].values())
         self.log(f"{self.plan[phase_index].name}: global exploration moved {changed} blocks "
@@ -253,6 +288,9 @@ class PlanRunner:
     @property
     def checkpoint_path(self) -> str:
         return os.path.join(self.out_dir, CHECKPOINT)
+
+    def member_path(self, name: str) -> str:
+        return os.path.join(self.out_dir, "members", f"{name}.pt")
 
     def _save(self, phase_index: int, epoch: int, best, members, counters, history, seconds, done: bool) -> None:
         """Write the checkpoint (rank 0 only); a finished run keeps its members, not its training state."""
@@ -270,11 +308,38 @@ class PlanRunner:
         }
         checkpoint.save(state, self.checkpoint_path)
 
-    def _load(self) -> dict:
-        state = checkpoint.load(self.checkpoint_path)
-        if state.get("format") != FORMAT:
-            raise checkpoint.CheckpointError(f"{self.checkpoint_path} has format {state.get('format')}, "
+    def _bad(self, field_name: str, why: str) -> checkpoint.CheckpointError:
+        why = " ".join(why.split())
+        return checkpoint.CheckpointError(f"cannot resume {self.checkpoint_path}: field '{field_name}' {why}; "
+                                          "the file is damaged or was not written by this run")
+
+    def _check_member(self, field_name: str, member, name: str, max_epoch: int) -> None:
+        if not isinstance(member, dict):
+            raise self._bad(field_name, f"must be a member dict, got {type(member).__name__}")
+        for key, ok in (("name", lambda v: v == name),
+                        ("epoch", lambda v: _is_int(v) and 1 <= v <= max_epoch),
+                        ("val_accuracy", lambda v: _is_real(v) and 0 <= v <= 1),
+                        ("val_nll", lambda v: _is_real(v) and v >= 0),
+                        ("state", lambda v: isinstance(v, dict))):
+            if key not in member:
+                raise self._bad(f"{field_name}.{key}", "is missing")
+            if not ok(member[key]):
+                raise self._bad(f"{field_name}.{key}", f"has an impossible value {_short(member[key])}")
+
+    def _check_fields(self, state) -> None:
+        """Every field of a loaded checkpoint, against this run's plan (a CheckpointError naming the field)."""
+        if not isinstance(state, dict):
+            raise checkpoint.CheckpointError(f"cannot resume {self.checkpoint_path}: it holds a "
+                                             f"{type(state).__name__}, not a training checkpoint")
+        for key in ("format", "config", "phase", "epoch", "model", "optimizer", "dst", "best", "members",
+                    "counters", "history", "seconds", "done"):
+            if key not in state:
+                raise self._bad(key, "is missing")
+        if state["format"] != FORMAT:
+            raise checkpoint.CheckpointError(f"{self.checkpoint_path} has format {state['format']!r}, "
                                              f"this version reads {FORMAT}")
+        if not isinstance(state["config"], dict):
+            raise self._bad("config", f"must be a dict, got {type(state['config']).__name__}")
         # runs saved before --precision existed trained in fp32
         saved, mine = {"precision": "fp32", **state["config"]}, asdict(self.config)
         diff = {k: (saved.get(k), v) for k, v in mine.items() if saved.get(k) != v}
@@ -282,42 +347,179 @@ class PlanRunner:
             changes = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items())
             raise ValueError(f"cannot resume {self.checkpoint_path}: the run was started with other settings "
                              f"({changes}); rerun with the saved settings or use another --out")
+        plan, done = self.plan, state["done"]
+        if not isinstance(done, bool):
+            raise self._bad("done", f"must be true or false, got {_short(done)}")
+        phase, epoch = state["phase"], state["epoch"]
+        if not _is_int(phase) or not (phase == len(plan) if done else 0 <= phase < len(plan)):
+            raise self._bad("phase", f"has an impossible value {_short(phase)} (the plan has {len(plan)} phases"
+                            f"{', and the run is finished' if done else ''})")
+        top = 0 if done else plan[phase].epochs - 1
+        if not _is_int(epoch) or not 0 <= epoch <= top:
+            raise self._bad("epoch", f"has an impossible value {_short(epoch)} (expected 0..{top})")
+        members = state["members"]
+        names = [p.name for p in plan[:phase] if p.member]
+        if not isinstance(members, list) or len(members) != len(names):
+            raise self._bad("members", f"must be a list of the {len(names)} members found before phase {phase}, "
+                            f"got {_short(members)}")
+        for i, (member, name) in enumerate(zip(members, names)):
+            epochs = next(p.epochs for p in plan if p.name == name)
+            self._check_member(f"members[{i}]", member, name, epochs)
+        best = state["best"]
+        if not done and plan[phase].member and epoch > 0:
+            self._check_member("best", best, plan[phase].name, epoch)
+        elif best is not None:
+            raise self._bad("best", "must be empty outside a member phase's first epochs")
+        counters = state["counters"]
+        if not isinstance(counters, dict) or set(counters) != set(COUNTERS) or not all(
+                _is_int(v) and v >= 0 for v in counters.values()):
+            raise self._bad("counters", f"must map {', '.join(COUNTERS)} to non-negative integers, "
+                            f"got {_short(counters)}")
+        epochs_done = sum(p.epochs for p in plan[:phase]) + epoch
+        history = state["history"]
+        if not isinstance(history, list) or len(history) != epochs_done or not all(
+                isinstance(row, dict) for row in history):
+            raise self._bad("history", f"must hold one row per finished epoch ({epochs_done}), got {_short(history)}")
+        if counters["steps"] != epochs_done * self._steps_per_epoch():
+            raise self._bad("counters.steps", f"is {counters['steps']}, but {epochs_done} epochs of "
+                            f"{self._steps_per_epoch()} steps were trained")
+        if not _is_real(state["seconds"]) or state["seconds"] < 0:
+            raise self._bad("seconds", f"has an impossible value {_short(state['seconds'])}")
+        if not done:
+            for key in ("model", "optimizer"):
+                if not isinstance(state[key], dict):
+                    raise self._bad(key, f"must be a state dict, got {type(state[key]).__name__}")
+            if self.config.sparse and not isinstance(state["dst"], dict):
+                raise self._bad("dst", f"must be a DST state dict, got {type(state['dst']).__name__}")
+            if state.get("scaler") is not None and not isinstance(state["scaler"], dict):
+                raise self._bad("scaler", f"must be a dict, got {type(state['scaler']).__name__}")
+
+    def _restore(self, state: dict, phase_index: int, epoch: int) -> None:
+        """Build the run the checkpoint's phase belongs to and load model, optimizer, DST engine and loss
+        scale into it: a state that does not fit is a CheckpointError naming the field."""
+        run_start = phase_index
+        while not self.plan[run_start].new_run:
+            run_start -= 1
+        self._new_run(run_start)
+        try:
+            checkpoint.load_model_state(self.model, state["model"])
+        except checkpoint.CheckpointError as exc:
+            raise self._bad("model", f"does not fit the model ({exc})") from None
+        fresh_groups = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")}
+                        for g in self.optimizer.state_dict()["param_groups"]]
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError, TypeError, RuntimeError, AttributeError, IndexError) as exc:
+            raise self._bad("optimizer", f"does not fit the optimizer ({_clip(str(exc))})") from None
+        loaded_groups = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")}
+                         for g in self.optimizer.state_dict()["param_groups"]]
+        if loaded_groups != fresh_groups:
+            raise self._bad("optimizer.param_groups", f"are {loaded_groups}, this run's are {fresh_groups}")
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        for i, param in enumerate(params):
+            for key, value in self.optimizer.state.get(param, {}).items():
+                if key == "step":
+                    continue
+                if not torch.is_tensor(value) or value.shape != param.shape or not value.is_floating_point() \
+                        or not torch.isfinite(value).all():
+                    raise self._bad(f"optimizer.state[{i}].{key}", f"does not fit parameter {i} "
+                                    f"(shape {tuple(param.shape)})")
+        if self.dst is not None:
+            try:
+                self.dst.load_state_dict(state["dst"])
+            except (ValueError, KeyError, TypeError, RuntimeError, AttributeError, IndexError) as exc:
+                raise self._bad("dst", f"does not fit the DST engine ({_clip(str(exc))})") from None
+            trained = sum(p.epochs for p in self.plan[run_start:phase_index]) + epoch
+            expected = trained * self._steps_per_epoch()
+            if not _is_int(self.dst.steps) or self.dst.steps != expected:
+                raise self._bad("dst.steps", f"is {_short(self.dst.steps)}, but this run trained {expected} steps")
+        if state.get("scaler"):  # fp16's loss scale, as it had grown
+            try:
+                self.scaler.load_state_dict(state["scaler"])
+            except (ValueError, KeyError, TypeError, RuntimeError, AttributeError) as exc:
+                raise self._bad("scaler", f"does not fit ({_clip(str(exc))})") from None
+            if not self.scaler.is_enabled() or not 0 < self.scaler.get_scale() < math.inf:
+                raise self._bad("scaler", "holds an impossible loss scale")
+
+    def _load(self) -> dict:
+        """The checkpoint, every field checked (CheckpointError / ValueError naming what is wrong)."""
+        state = checkpoint.load(self.checkpoint_path)
+        self._check_fields(state)
         return state
+
+    def prepare(self, resume: bool = False) -> Optional[dict]:
+        """Everything ``run(resume)`` checks before it trains, done without training: refuses to start over
+        an existing run, loads and checks a checkpoint to resume (every field, and a trial load into a
+        fresh model, optimizer and DST engine), or builds the model and DST engine a new run starts with.
+        Returns the checkpoint (None for a new run).  Leaves the random number generators as they were."""
+        exists = os.path.lexists(self.checkpoint_path)
+        if exists and not resume:
+            raise FileExistsError(f"{self.checkpoint_path} already holds a run: pass --resume to continue it, "
+                                  "or choose another --out")
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            state = None
+            if exists:
+                state = self._load()
+                if not state["done"] and not (state["epoch"] == 0 and self.plan[state["phase"]].new_run):
+                    self._restore(state, state["phase"], state["epoch"])
+            else:  # what the library would refuse (e.g. no sparse layer left) fails here, not after a baseline
+                try:
+                    self._new_run(0)
+                except ValueError as exc:
+                    raise ValueError(f"cannot start the {self.config.method} run with these settings "
+                                     f"(density {self.config.density}, blocks {self.config.block_size}): "
+                                     f"{exc}") from None
+            self.model = self.optimizer = self.dst = self.trained = None
+        self._prepared = (resume, state)
+        return state
+
+    def _repair_members(self, members: List[dict]) -> None:
+        """Check ``members/*.pt`` against the checkpoint's members; rewrite a missing or damaged one."""
+        for member in members:
+            path = self.member_path(member["name"])
+            checkpoint.remove_stale_temporaries(path)
+            why = None
+            try:
+                saved = checkpoint.load(path)
+                if not _same_member(saved, member):
+                    why = "differs from the checkpoint's copy"
+            except FileNotFoundError:
+                why = "is missing"
+            except checkpoint.CheckpointError as exc:
+                why = f"is damaged ({exc})"
+            if why:
+                self._save_member(member, quiet=True)
+                self.log(f"{path} {why}: rewritten from {self.checkpoint_path}")
 
     # ----------------------------------------------------------------- run
     def run(self, resume: bool = False, on_epoch_end: Optional[Callable[[dict], None]] = None) -> RunResult:
         """Train the whole plan (or what is left of it with ``resume=True``)."""
-        exists = os.path.exists(self.checkpoint_path)
-        if exists and not resume:
-            raise FileExistsError(f"{self.checkpoint_path} already holds a run: pass --resume to continue it, "
-                                  "or choose another --out")
+        prepared = getattr(self, "_prepared", None)
+        state = prepared[1] if prepared is not None and prepared[0] == resume else self.prepare(resume)
+        self._prepared = None
         phase_index, epoch, best, members, history, seconds = 0, 0, None, [], [], 0.0
-        counters = dict.fromkeys(("samples", "dense_gradient_samples", "steps", "updates", "explorations"), 0)
-        state = None
-        if resume and exists:
-            state = self._load()
+        counters = dict.fromkeys(COUNTERS, 0)
+        if self.main:
+            checkpoint.remove_stale_temporaries(self.checkpoint_path)
+        if state is not None:
             phase_index, epoch, best = state["phase"], state["epoch"], state["best"]
             members, counters, history = state["members"], state["counters"], state["history"]
             seconds = state["seconds"]
+            if self.main:
+                self._repair_members(members)
             if state["done"]:
                 self.log(f"{self.checkpoint_path}: run already complete ({len(members)} members)")
                 return RunResult(self.config, members, counters, history, seconds)
             self.log(f"resuming {self.checkpoint_path}: phase {self.plan[phase_index].name}, "
                      f"epoch {epoch}/{self.plan[phase_index].epochs}, {len(members)} members found")
+        elif resume:
+            self.log(f"{self.checkpoint_path}: no checkpoint yet, starting from the beginning")
         start = time.perf_counter() - seconds
         # the model, optimizer and DST engine the resumed phase had
         resumed_new_run = epoch == 0 and self.plan[phase_index].new_run  # rebuilt below anyway
-        if state is not None and state["model"] is not None and not resumed_new_run:
-            run_start = phase_index
-            while not self.plan[run_start].new_run:
-                run_start -= 1
-            self._new_run(run_start)
-            checkpoint.load_model_state(self.model, state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
-            if self.dst is not None:
-                self.dst.load_state_dict(state["dst"])
-            if state.get("scaler"):  # fp16's loss scale, as it had grown
-                self.scaler.load_state_dict(state["scaler"])
+        if state is not None and not resumed_new_run:
+            self._restore(state, phase_index, epoch)
         for pi in range(phase_index, len(self.plan)):
             phase = self.plan[pi]
             if epoch == 0:
@@ -356,9 +558,32 @@ class PlanRunner:
             epoch = 0
         return RunResult(self.config, members, counters, history, time.perf_counter() - start)
 
-    def _save_member(self, member: dict) -> None:
+    def _save_member(self, member: dict, quiet: bool = False) -> None:
         if self.main:
-            path = os.path.join(self.out_dir, "members", f"{member['name']}.pt")
+            path = self.member_path(member["name"])
             checkpoint.save(dict(member, config=asdict(self.config)), path)
-            self.log(f"member {member['name']}: epoch {member['epoch']}, val accuracy "
-                     f"{member['val_accuracy']:.4f} -> {path}")
+            if not quiet:
+                self.log(f"member {member['name']}: epoch {member['epoch']}, val accuracy "
+                         f"{member['val_accuracy']:.4f} -> {path}")
+
+
+def _clip(text: str, limit: int = 120) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _short(value, limit: int = 60) -> str:
+    return _clip(repr(value), limit)
+
+
+def _same_member(saved, member: dict) -> bool:
+    if not isinstance(saved, dict):
+        return False
+    for key in ("name", "epoch", "val_accuracy", "val_nll"):
+        if saved.get(key) != member.get(key):
+            return False
+    a, b = saved.get("state"), member["state"]
+    if not isinstance(a, dict) or set(a) != set(b):
+        return False
+    return all(torch.is_tensor(a[k]) == torch.is_tensor(b[k]) and
+               (torch.equal(a[k], b[k]) if torch.is_tensor(b[k]) else a[k] == b[k]) for k in b)
