@@ -18,7 +18,9 @@ from .backends import (
 )
 from .dst import DynamicSparseTraining
 from .layout import BlockSparseLayout
-from .nn import SparseConv2d, SparseLinear, densify, sparsify
+from .nn import (SparseConv1d, SparseConv2d, SparseLinear, SparseMultiheadAttention, densify,
+                 register_conversion, sparsify)
+from .nn.loading import densify_state_dict, load_sparse
 from .ops import block_sparse_conv2d, block_sparse_linear, dense_grad_block_norms
 
 __all__ = [
@@ -26,16 +28,21 @@ __all__ = [
     "BlockSparseLayout",
     "DynamicSparseTraining",
     "ReferenceBackendWarning",
+    "SparseConv1d",
     "SparseConv2d",
     "SparseLinear",
+    "SparseMultiheadAttention",
     "__version__",
     "available_backends",
     "block_sparse_conv2d",
     "block_sparse_linear",
     "dense_grad_block_norms",
     "densify",
+    "densify_state_dict",
     "flops",
+    "load_sparse",
     "ops",
+    "register_conversion",
     "sparsify",
     "use_backend",
 ]

@@ -140,3 +140,18 @@ def test_cuda_autocast_with_grad_scaler(dtype):
     for m in model.modules():
         if isinstance(m, (ftk.SparseLinear, ftk.SparseConv2d)):
             assert m.values.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rigl_scores_a_first_sparse_layer_fed_fp32_under_autocast(dtype):
+    # the first layer's input stays fp32 while its gradient is low-precision; loss-scaled fp16
+    # gradients whose block norms overflow fp16 must still score (in fp32)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
+    ftk.sparsify(model, density=0.5, block_size=32, distribution="uniform")
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    dst = ftk.DynamicSparseTraining(model, opt, update_interval=1, prune_rate=0.3, prune_rate_schedule="constant")
+    with torch.autocast("cpu", dtype=dtype):
+        loss = model(torch.randn(16, 64)).float().square().sum()
+    (loss * 2.0 ** 12).backward()  # a GradScaler-like scale
+    assert dst.step()["kind"] == "update"

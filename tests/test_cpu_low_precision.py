@@ -76,6 +76,23 @@ def test_low_precision_output_keeps_the_memory_format():
     assert y.dtype == torch.bfloat16 and y.is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize("view", ["every_other_row", "cropped", "expanded"])
+def test_low_precision_strided_views_get_the_float32_layout(view):
+    # the widened copy keeps a view's strides, so the float32 kernels pick the same output layout
+    layout = random_layout((8, 8, 3, 3), (4, 4), 0.5)
+    values = random_values(layout, dtype=torch.float32)
+    views = {"every_other_row": lambda t: t[:, :, ::2], "cropped": lambda t: t[..., 1:11],
+             "expanded": lambda t: t[:1, :, :6, :6].expand(3, 8, 6, 6)}
+    base = torch.randn(2, 8, 12, 12).bfloat16().to(memory_format=torch.channels_last)
+    x_low, x = views[view](base), views[view](base.float())  # the same view of each dtype
+    assert x_low.stride() == x.stride()
+    with ftk.use_backend("cpu"):
+        want = ftk.block_sparse_conv2d(x, values.bfloat16().float(), layout, padding=1)
+        got = ftk.block_sparse_conv2d(x_low, values.bfloat16(), layout, padding=1)
+    assert got.stride() == want.stride()
+    assert_close_scaled(got, want.double(), **TOL[torch.bfloat16])
+
+
 def test_mixed_dtypes_are_an_error_at_the_extension_too():
     from freetickets_kernels.backends import cpu
 

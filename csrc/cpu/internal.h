@@ -135,8 +135,8 @@ void share_items(int64_t n, Body body) {
 // and be float32, bfloat16 or float16 (`names` label them in the error).
 at::ScalarType op_dtype(std::initializer_list<const at::Tensor*> operands, std::initializer_list<const char*> names);
 
-// A bfloat16/float16 operand as float32 (a copy of its elements, same
-// strides); anything else as it is.  No dense weight appears: `values` are
+// A bfloat16/float16 operand as float32 (a copy of its elements, with its
+// strides unless they overlap); anything else as it is.  No dense weight appears: `values` are
 // the packed live blocks.
 at::Tensor widen(const at::Tensor& t);
 inline std::optional<at::Tensor> widen(const std::optional<at::Tensor>& t) {
@@ -267,8 +267,9 @@ struct WeightsFirst {
   const float* values;
   const int32_t *ptr, *idx, *slot;
   int64_t rows, group, inner, inner_block, row_step, elem_step, block_floats;
-  // A conv's block columns are (tap, channel block): tap t's B^T rows start
-  // tap_off[t] floats further on (set by the caller; 0: one tap).
+  // A conv's block columns are (tap, block): tap t's B^T rows start
+  // tap_off[t] floats further on (set by the caller; 0: one tap).  Forward:
+  // input channel blocks per tap; grad-input on planes: output-row blocks.
   int64_t blocks_per_tap = 0;
   std::vector<int64_t> tap_off;
   // The values are read once per call, from memory (linear forward; a conv

@@ -24,7 +24,15 @@ at::ScalarType op_dtype(std::initializer_list<const at::Tensor*> operands, std::
 
 at::Tensor widen(const at::Tensor& t) {
   const at::ScalarType dtype = t.scalar_type();
-  return dtype == at::kBFloat16 || dtype == at::kHalf ? t.to(at::kFloat) : t;
+  if (dtype != at::kBFloat16 && dtype != at::kHalf) return t;
+  if (t.is_non_overlapping_and_dense()) return t.to(at::kFloat);  // keeps the strides
+  // A strided view (.to() would pick a memory format of its own): the same
+  // strides, so the float32 kernels choose the layout they choose for t.
+  // Overlapping views (expanded dimensions) become contiguous, as the
+  // float32 path treats them.
+  for (int64_t d = 0; d < t.dim(); ++d)
+    if (t.stride(d) == 0 && t.size(d) > 1) return t.contiguous().to(at::kFloat);
+  return at::empty_strided(t.sizes(), t.strides(), t.options().dtype(at::kFloat)).copy_(t);
 }
 
 }  // namespace detail

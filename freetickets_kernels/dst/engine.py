@@ -19,6 +19,7 @@ freed slots with their values and optimizer state zeroed
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Dict, List, Optional
 
 import torch
@@ -37,6 +38,13 @@ class DynamicSparseTraining:
 
     Call :meth:`step` after each ``optimizer.step()``.  ``stop_fraction``
     stops the updates for the last part of training (RigL stops at 0.75).
+
+    Frozen layers (``values.requires_grad=False``, at construction or later)
+    are left out, said once in a warning and listed in :attr:`frozen`: their
+    masks and weights never change, and the optimizer need not hold them.
+    With gradient accumulation RigL scores the gradient of every micro-batch
+    since the previous optimizer step (what the optimizer steps with), not
+    just one of them: see :mod:`.scoring`.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, update_interval: int = 100,
@@ -54,15 +62,17 @@ class DynamicSparseTraining:
             raise ValueError("the cosine schedule needs total_steps, a positive int")
         if not 0 < stop_fraction <= 1:
             raise ValueError(f"stop_fraction must be in (0, 1], got {stop_fraction!r}")
-        self.layers: Dict[str, BlockSparseModule] = {
-            name: m for name, m in model.named_modules() if isinstance(m, BlockSparseModule)
-        }
-        if not self.layers:
+        found = {name: m for name, m in model.named_modules() if isinstance(m, BlockSparseModule)}
+        if not found:
             raise ValueError("the model has no block-sparse layers: call freetickets_kernels.sparsify(model, ...) first")
-        params = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        missing = [n for n, m in self.layers.items() if id(m.values) not in params]
-        if missing:
-            raise ValueError(f"the optimizer does not hold the values of {missing}; build it after sparsify()")
+        # frozen layers (values.requires_grad=False) are left out: their masks and weights never change
+        self.layers: Dict[str, BlockSparseModule] = {n: m for n, m in found.items() if m.values.requires_grad}
+        self.frozen: List[str] = []
+        self._note_frozen([n for n in found if n not in self.layers])
+        if not self.layers:
+            raise ValueError(f"every block-sparse layer of the model is frozen (requires_grad=False): {self.frozen}; "
+                             "DST has nothing to update")
+        self._check_optimizer(model, optimizer)
         self.optimizer = optimizer
         self.update_interval, self.prune_rate = update_interval, prune_rate
         self.schedule, self.growth = prune_rate_schedule, growth
@@ -71,6 +81,38 @@ class DynamicSparseTraining:
         self.log: List[dict] = []
         self.generator = torch.Generator().manual_seed(seed)
         self._arm_if_update_next()
+
+    def _check_optimizer(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """The optimizer must hold the ``values`` of every layer DST updates (frozen ones may be absent)."""
+        held = {id(p): p for group in optimizer.param_groups for p in group["params"]}
+        missing = [n for n, m in self.layers.items() if id(m.values) not in held]
+        if not missing:
+            return
+        in_model = {id(p) for p in model.parameters()}
+        stale = {tuple(p.shape) for i, p in held.items() if i not in in_model}
+        replaced = [n for n in missing if tuple(self.layers[n].dense_weight_shape()) in stale]
+        if replaced:
+            # it holds tensors the model no longer has, shaped like these layers' dense weights
+            raise ValueError(f"the optimizer does not hold the values of {missing} but holds dense weights of "
+                             f"their shape that are no longer in the model (those sparsify() replaced, for "
+                             f"{replaced}); build it after sparsify()")
+        raise ValueError(f"the optimizer does not hold the values of {missing}, which train (requires_grad=True): "
+                         "pass them to the optimizer, or freeze those layers (layer.requires_grad_(False)) "
+                         "to leave them out of DST")
+
+    def _note_frozen(self, names: List[str]) -> None:
+        """Record layers left out of DST because they are frozen, and say so once."""
+        new = [n for n in names if n not in self.frozen]
+        if new:
+            self.frozen.extend(new)
+            warnings.warn(f"DST leaves out the frozen layers {new} (values.requires_grad=False): their masks and "
+                          "weights are never changed", stacklevel=3)
+
+    def _active(self) -> Dict[str, BlockSparseModule]:
+        """The layers an update moves: those still trainable (a layer frozen after construction drops out)."""
+        newly = [n for n, m in self.layers.items() if not m.values.requires_grad and n not in self.frozen]
+        self._note_frozen(newly)
+        return {n: m for n, m in self.layers.items() if n not in self.frozen}
 
     # -------------------------------------------------------------- schedule
     def rate(self, step: Optional[int] = None) -> float:
@@ -132,8 +174,9 @@ class DynamicSparseTraining:
         return self._update(fraction, growth, kind="explore")
 
     def arm_gradient_capture(self) -> None:
-        """Capture the next forward/backward's gradients in every layer (before :meth:`explore`)."""
-        for layer in self.layers.values():
+        """Capture the gradients of every forward/backward from now on, in every trainable layer (before
+        :meth:`explore`): with gradient accumulation, all the micro-batches until the update are summed."""
+        for layer in self._active().values():
             scoring.arm(layer)
 
     def _release_capture(self) -> None:
@@ -143,7 +186,8 @@ class DynamicSparseTraining:
     @torch.no_grad()
     def _update(self, rate: float, growth: str, kind: str) -> dict:
         """Move ``rate`` of every layer's live blocks: score, then prune, grow, agree and install per layer."""
-        moves = {name: int(rate * layer.layout.nnzb) for name, layer in self.layers.items()}
+        layers = self._active()
+        moves = {name: int(rate * layer.layout.nnzb) for name, layer in layers.items()}
         scores: Dict[str, torch.Tensor] = {}
         if growth == "gradient":
             scores = self._growth_scores(moves)
@@ -154,7 +198,7 @@ class DynamicSparseTraining:
                 self._arm_if_update_next()
                 return entry
         entry = {"step": self.steps, "kind": kind, "rate": rate, "layers": {}}
-        for name, layer in self.layers.items():
+        for name, layer in layers.items():
             entry["layers"][name] = self._move_blocks(layer, moves[name], growth, scores.get(name))
         self._release_capture()
         self._arm_if_update_next()  # an explore() between steps must not disarm the next update
