@@ -2,9 +2,10 @@
 
 Conventions (those of the DST literature, made explicit):
 
-- a multiply-add is 2 FLOPs; only Linear and Conv2d layers (dense or
-  block-sparse) are counted: normalisation, activations and pooling are left
-  out, as they are in the FreeTickets and RigL papers;
+- a multiply-add is 2 FLOPs; only Linear, Conv1d and Conv2d layers (dense or
+  block-sparse) and attention projections are counted: normalisation,
+  activations, pooling and the attention's score products are left out, as
+  they are in the FreeTickets and RigL papers;
 - a block-sparse layer costs its live blocks, whole, as the kernels compute
   them (``nnzb * Bo * Bi`` multiply-adds per output position); with block size
   (1, 1) that is the paper's unstructured count;
@@ -31,6 +32,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from .nn.base import BlockSparseModule
 from .nn.conv import SparseConv2d
+from .nn.conv1d import SparseConv1d
 from .nn.linear import SparseLinear
 
 __all__ = ["LayerFlops", "FlopsReport", "count_flops", "parameter_count"]
@@ -89,7 +91,13 @@ def _live_block_macs(module: BlockSparseModule) -> int:
 
 def count_flops(model: nn.Module, example_input: torch.Tensor) -> FlopsReport:
     """Per-sample FLOPs of ``model`` on inputs shaped like ``example_input`` (its batch
-    dimension is ignored; one sample is run, without gradients, in eval mode)."""
+    dimension is ignored; one sample is run, without gradients, in eval mode).
+
+    Counted: ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d`` and their block-sparse layers, and the
+    q/k/v/out projections of ``nn.MultiheadAttention`` (a :class:`SparseMultiheadAttention`'s are
+    its linear layers); the attention's score and weighted-sum products are left out, as
+    activations are (``FlopCounterMode`` counts them too).
+    """
     report = FlopsReport()
     handles = []
 
@@ -98,22 +106,31 @@ def count_flops(model: nn.Module, example_input: torch.Tensor) -> FlopsReport:
             if isinstance(module, SparseLinear):
                 tokens = output.numel() // module.out_features
                 forward, dense = _live_block_macs(module), module.in_features * module.out_features
-            elif isinstance(module, SparseConv2d):
-                tokens = output.shape[0] * output.shape[2] * output.shape[3]
+            elif isinstance(module, (SparseConv2d, SparseConv1d)):
+                tokens = output.numel() // module.out_channels  # N x output positions
                 forward = _live_block_macs(module)
                 dense = module.in_channels * module.out_channels * math.prod(module.kernel_size)
             elif isinstance(module, nn.Linear):
                 tokens = output.numel() // module.out_features
                 forward = dense = module.weight.numel()
-            else:  # nn.Conv2d: weight [O, C / groups, kh, kw]
-                tokens = output.shape[0] * output.shape[2] * output.shape[3]
+            elif isinstance(module, nn.MultiheadAttention):
+                _record_attention(report, name, module, inputs)
+                return
+            else:  # nn.Conv1d / nn.Conv2d: weight [O, C / groups, *kernel]
+                tokens = output.numel() // module.out_channels
                 forward = dense = module.weight.numel()
             report.layers.append(LayerFlops(name, type(module).__name__, 2.0 * forward * tokens,
                                             2.0 * dense * tokens))
         return record
 
+    counted = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.MultiheadAttention, SparseLinear, SparseConv1d, SparseConv2d)
+    attention = set()
     for name, module in model.named_modules():
-        if isinstance(module, (nn.Linear, nn.Conv2d, SparseLinear, SparseConv2d)):
+        if any(name.startswith(a + ".") for a in attention):
+            continue  # out_proj: its weight is used by the attention's function, not its forward
+        if isinstance(module, nn.MultiheadAttention):
+            attention.add(name)
+        if isinstance(module, counted):
             handles.append(module.register_forward_hook(hook(name)))
     was_training = model.training
     model.eval()
@@ -125,6 +142,17 @@ def count_flops(model: nn.Module, example_input: torch.Tensor) -> FlopsReport:
         for handle in handles:
             handle.remove()
     return report
+
+
+def _record_attention(report: FlopsReport, name: str, mha: nn.MultiheadAttention, inputs) -> None:
+    """The q/k/v/out projections of a dense ``nn.MultiheadAttention`` (called with query, key, value)."""
+    if len(inputs) < 3:
+        raise ValueError(f"{name}: count_flops needs the attention's query, key and value passed positionally")
+    query, key, value = inputs[:3]
+    e = mha.embed_dim
+    macs = (query.numel() // e) * e * e * 2 + (key.numel() // mha.kdim) * mha.kdim * e \
+        + (value.numel() // mha.vdim) * mha.vdim * e  # q and out on the queries, k and v on the keys
+    report.layers.append(LayerFlops(name, type(mha).__name__, 2.0 * macs, 2.0 * macs))
 
 
 def parameter_count(model: nn.Module) -> dict:

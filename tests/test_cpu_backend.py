@@ -364,3 +364,24 @@ def test_scratch_first_allocated_under_inference_mode_is_reusable_outside():
     out = conv(big.requires_grad_())
     out.sum().backward()
     assert big.grad is not None
+
+
+def test_nan_weights_with_padding_reach_the_padded_outputs():
+    # documented in docs/library.md ("NaN and Inf in the weights, with padding"): the CPU kernels
+    # multiply the zero padding (0 x NaN = NaN), torch skips padded taps; everywhere torch gives
+    # NaN we do too, and without NaN the two agree
+    torch.manual_seed(0)
+    conv = ftk.SparseConv2d(8, 8, 3, padding=1, density=1.0, block_size=4)
+    x = torch.randn(2, 8, 5, 5)
+    with torch.no_grad():
+        with ftk.use_backend("cpu"):
+            clean = conv(x)
+        torch.testing.assert_close(clean, torch.nn.functional.conv2d(x, conv.weight.clone(), conv.bias, padding=1),
+                                   rtol=1e-4, atol=1e-4)
+        conv.values[0, 0, 0] = float("nan")
+        with ftk.use_backend("reference"):
+            torch_nan = torch.isnan(conv(x))
+        with ftk.use_backend("cpu"):
+            ours_nan = torch.isnan(conv(x))
+    assert torch_nan.any() and (ours_nan | ~torch_nan).all()  # ours covers torch's NaNs
+    assert ours_nan.sum() > torch_nan.sum()                    # and the padded taps' too

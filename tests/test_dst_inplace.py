@@ -1,5 +1,7 @@
 """RigL's gradient capture survives in-place ops on a sparse layer's output (and on views of it)."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -61,3 +63,9 @@ def test_rigl_trains_mobilenet_v3_small():
         F.cross_entropy(model(x), y).backward()
         opt.step()
         assert dst.step()["kind"] == "update"
+    model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    dense = ftk.densify(copy.deepcopy(model)).eval()
+    assert not any(isinstance(m, ftk.nn.BlockSparseModule) for m in dense.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(dense(x), model(x), rtol=1e-4, atol=1e-5)

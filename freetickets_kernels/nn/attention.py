@@ -53,6 +53,18 @@ def _float_mask(mask: Optional[Tensor], name: str, dtype: torch.dtype) -> Option
     return mask.to(dtype)
 
 
+# the state_dict metadata key that marks a SparseMultiheadAttention (read by densify_state_dict)
+ATTENTION_METADATA = "ftk_attention"
+
+
+def _record_attention(module, state_dict, prefix: str, local_metadata: dict) -> None:
+    """state_dict post-hook: mark this prefix as a sparse attention, and whether torch's
+    ``nn.MultiheadAttention`` packs its q/k/v weights (``in_proj_weight``) or keeps them apart, so
+    :func:`~freetickets_kernels.nn.densify_state_dict` can write the keys torch's module expects."""
+    packed = module.kdim == module.embed_dim and module.vdim == module.embed_dim
+    local_metadata[ATTENTION_METADATA] = {"packed_qkv": bool(packed)}
+
+
 class SparseMultiheadAttention(nn.Module):
     """Drop-in ``nn.MultiheadAttention`` whose projections are block-sparse linears.
 
@@ -85,6 +97,7 @@ class SparseMultiheadAttention(nn.Module):
         self.out_proj: Projection = SparseLinear(embed_dim, embed_dim, **kw)
 
     def _setup(self, embed_dim, num_heads, dropout, kdim, vdim, batch_first) -> None:
+        self.register_state_dict_post_hook(_record_attention)
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
         self.embed_dim, self.num_heads = embed_dim, num_heads

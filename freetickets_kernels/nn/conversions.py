@@ -94,9 +94,36 @@ def conversion_of_sparse(module: nn.Module) -> Optional[Conversion]:
     return _REGISTRY.get(origin) if origin is not None else None
 
 
+# the state_dict metadata key naming the dense type a converted module came from (see tag)
+ORIGIN_METADATA = "ftk_origin"
+
+
+def type_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _record_origin(module: nn.Module, state_dict, prefix: str, local_metadata: dict) -> None:
+    """state_dict post-hook: the converted module's dense type travels in the state_dict's metadata,
+    so :func:`~freetickets_kernels.nn.densify_state_dict` can call its registered ``to_dense``."""
+    origin = getattr(module, ORIGIN_ATTR, None)
+    if origin is not None:
+        local_metadata[ORIGIN_METADATA] = type_name(origin)
+
+
 def tag(module: nn.Module, origin: type) -> nn.Module:
     object.__setattr__(module, ORIGIN_ATTR, origin)
+    if not getattr(module, "_ftk_origin_hooked", False):
+        module.register_state_dict_post_hook(_record_origin)
+        object.__setattr__(module, "_ftk_origin_hooked", True)
     return module
+
+
+def conversion_named(name: str) -> Optional[Conversion]:
+    """The registered conversion whose module type's qualified name is ``name`` (see type_name)."""
+    for cls, conv in _REGISTRY.items():
+        if type_name(cls) == name:
+            return conv
+    return None
 
 
 def registered_types() -> Tuple[type, ...]:
