@@ -11,15 +11,7 @@ from torch import nn
 import freetickets_kernels as ftk
 from freetickets_kernels.dst import scoring
 
-
-def _model(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        ftk.SparseConv2d(3, 16, 3, padding=1, density=0.4, block_size=4), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(2), nn.Flatten(),
-        ftk.SparseLinear(64, 32, density=0.4, block_size=(8, 4)), nn.ReLU(),
-        ftk.SparseLinear(32, 4, density=0.5, block_size=(1, 4)),
-    )
+from test_dst import _model  # the same small conv + linear model
 
 
 def _data(seed=1, n=16):

@@ -178,9 +178,11 @@ class BlockSparseModule(nn.Module):
             raise ValueError(f"criterion must be 'magnitude' or 'random', got {criterion!r}")
         self.set_layout(layout, values)
 
-    def _take_dense(self, module: nn.Module, density: float, criterion: str) -> "BlockSparseModule":
-        """Keep ``density`` of a dense twin's weight blocks, and its bias."""
-        self.load_dense(module.weight.detach(), density, criterion)
+    def _take_dense(self, module: nn.Module, density: float, criterion: str,
+                    weight: Optional[torch.Tensor] = None) -> "BlockSparseModule":
+        """Keep ``density`` of a dense twin's weight blocks (``weight``: its weight in this layer's
+        shape, where that differs), and its bias."""
+        self.load_dense((module.weight if weight is None else weight).detach(), density, criterion)
         if module.bias is not None:
             with torch.no_grad():
                 self.bias.copy_(module.bias)

@@ -98,11 +98,7 @@ class SparseConv1d(BlockSparseModule):
         new = cls(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
                   module.dilation, module.groups, module.bias is not None, module.padding_mode,
                   device=w.device, dtype=w.dtype, density=density, block_size=block_size)
-        new.load_dense(w.detach().unsqueeze(2), density, criterion)
-        if module.bias is not None:
-            with torch.no_grad():
-                new.bias.copy_(module.bias)
-        return new
+        return new._take_dense(module, density, criterion, weight=w.unsqueeze(2))
 
     def to_dense(self) -> nn.Conv1d:
         """An ``nn.Conv1d`` computing exactly the same function."""

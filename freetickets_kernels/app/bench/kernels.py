@@ -27,6 +27,7 @@ from ...layout import BlockSparseLayout
 from ..progress import Progress
 from ..results import markdown_table, write_results
 from ..timing import interleaved_median_seconds, median_seconds
+from .gpu_kernels import DTYPES
 
 DENSITIES = [0.5, 0.3, 0.2, 0.1, 0.05]
 # (tokens, in, out)
@@ -75,9 +76,6 @@ def _medians(fns, repeats, interleaved):
     return [median_seconds(fn, repeats) for fn in fns]
 
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 def bench_linear(tokens, inn, out, block, density, passes, repeats, interleaved=False, dtype="fp32"):
     w = torch.randn(out, inn)
     values, layout = BlockSparseLayout.from_dense(w, block, density=density)
@@ -86,17 +84,15 @@ def bench_linear(tokens, inn, out, block, density, passes, repeats, interleaved=
     x = torch.randn(tokens, inn, dtype=DTYPES[dtype])
     rows = []
     for p in passes:
-        if p == "fwd" and dtype != "fp32":  # torch.sparse BSR F.linear: float32 only on CPU
-            ours, dense = _medians([lambda: ftk.block_sparse_linear(x, values, layout), lambda: F.linear(x, wd)],
-                                   repeats, interleaved)
-            bsr = None
-        elif p == "fwd":
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # torch.sparse BSR is "beta"
-                w_bsr = wd.to_sparse_bsr((block, block))
-            ours, dense, bsr = _medians(
-                [lambda: ftk.block_sparse_linear(x, values, layout), lambda: F.linear(x, wd),
-                 lambda: F.linear(x, w_bsr)], repeats, interleaved)
+        if p == "fwd":
+            fns = [lambda: ftk.block_sparse_linear(x, values, layout), lambda: F.linear(x, wd)]
+            if dtype == "fp32":  # torch.sparse BSR F.linear: float32 only on CPU
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # torch.sparse BSR is "beta"
+                    w_bsr = wd.to_sparse_bsr((block, block))
+                fns.append(lambda: F.linear(x, w_bsr))
+            ours, dense, *bsr = _medians(fns, repeats, interleaved)
+            bsr = bsr[0] if bsr else None
         else:
             xg, vg, wg = x.clone().requires_grad_(), values.clone().requires_grad_(), wd.clone().requires_grad_()
             ours, dense = _medians(
