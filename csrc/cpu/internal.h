@@ -11,6 +11,9 @@
 //   precision.cpp    the dtypes an op takes, and widening bfloat16/float16 to float32
 //   register.cpp     torch.ops.freetickets_cpu.* registration
 //   tile.h, tile_impl.inc, isa_*.cpp: the one inner kernel, built per instruction set
+//   bf16_gemm.cpp    the bf16 driver: packed blocks, (row tile, column chunk) items
+//   bf16_linear.cpp, bf16_conv2d.cpp: the bf16 ops over it
+//   bf16_tile.h, bf16_{amx,avx512,emulated}.cpp, bf16_support.cpp: the bf16 inner kernel
 // Measured reasons for the paths below: docs/cpu-backend.md.
 #pragma once
 #include <ATen/ATen.h>
@@ -23,6 +26,7 @@
 #include <string>
 #include <vector>
 
+#include "bf16_tile.h"
 #include "tile.h"
 
 namespace ftk_cpu {
@@ -53,6 +57,19 @@ at::Tensor conv2d_grad_values(const at::Tensor& grad_out, const at::Tensor& x, c
 
 std::string build_info();
 std::string set_isa(const std::string& name);
+std::string bf16_unavailable();
+
+// bf16_linear.cpp / bf16_conv2d.cpp: the same ops on bfloat16 operands
+// through the bf16 kernel k (the ops above call them where bf16_runs).
+at::Tensor bf16_linear_forward(const Bf16Kernel& k, const at::Tensor& x, const at::Tensor& values,
+                               const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& slot,
+                               const std::optional<at::Tensor>& bias, int64_t out_features);
+at::Tensor bf16_linear_grad_input(const Bf16Kernel& k, const at::Tensor& grad_out, const at::Tensor& values,
+                                  const at::Tensor& col_ptr, const at::Tensor& row_idx, const at::Tensor& tslot,
+                                  int64_t in_features);
+at::Tensor bf16_linear_grad_values(const Bf16Kernel& k, const at::Tensor& grad_out, const at::Tensor& x,
+                                   const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& slot,
+                                   at::IntArrayRef block_size);
 
 namespace detail {
 
@@ -61,6 +78,8 @@ namespace detail {
 // The instruction set in use: FREETICKETS_CPU_ISA or the best this CPU runs,
 // until set_isa changes it.
 const IsaKernel& isa();
+// The bf16 kernel chosen with it (nullptr: bf16 operands are widened).
+const Bf16Kernel* bf16_kernel();
 
 void check_float(const at::Tensor& t, const char* name);
 
@@ -154,6 +173,49 @@ template <class Op, class... Args>
 at::Tensor widened_call(at::ScalarType dtype, Op op, const Args&... args) {
   return op(widen(args)...).to(dtype);
 }
+
+// ------------------------------------------------------------------ bf16_gemm.cpp
+
+// The bf16 kernel that bfloat16 operands with blocks of bo x bi run, or
+// nullptr: the widened path (fp16 always; block sides that are not whole
+// multiples of 32; FREETICKETS_CPU_ISA naming a float32 instruction set).
+const Bf16Kernel* bf16_runs(const at::Tensor& operand, int64_t bo, int64_t bi);
+
+// values [nnzb, Bo, Bi] (bf16) as the kernels' B: per slot, (column group g,
+// reduction chunk kc) sub-blocks of kBf16PackedBlock elements in VNNI pairs
+// ([half][pair row][16 columns][2]), at ((slot * groups + g) * chunks + kc)
+// * kBf16PackedBlock.  reduce_inner: B[k][n] = V[n][k] (forward: columns are
+// output features, groups Bo / 32, chunks Bi / 32); else B[k][n] = V[k][n]
+// (grad-input).  Packed per call, counted in the op's time.
+at::Tensor pack_blocks_vnni(const at::Tensor& values, bool reduce_inner);
+constexpr int64_t kPackedLdb = 16 * 2 * 2;                   // bytes between pair rows of a packed B
+constexpr int64_t kPackedHalf = kBf16PackedBlock / 2 * 2;    // bytes from columns 0-15 to 16-31
+
+// C [rows, out_cols] (bf16, rows through out_row) = A [rows, ...] B: output
+// column chunk j (32 columns from chunk_col[j]) sums its terms
+// [chunk_ptr[j], chunk_ptr[j + 1]).  A's rows are lda bytes apart and
+// a_readable of them can be read (a conv's padded input: more than rows);
+// a row tile reaching past them reads a zero-padded copy of its rows, whose
+// terms then must stay inside their row's lda bytes (a matrix).
+struct Bf16Gemm {
+  int64_t rows;
+  const uint8_t* a;
+  int64_t lda, a_readable;
+  const uint8_t* b;
+  int64_t ldb = kPackedLdb, b_half = kPackedHalf;
+  std::vector<int64_t> chunk_ptr{0}, chunk_col;
+  std::vector<Bf16Term> terms;
+  int64_t out_cols;
+  const float* bias = nullptr;  // float32, readable to the last chunk's column + 32
+  int64_t out_col_stride = 1;
+};
+using Bf16OutRow = c10::function_ref<uint16_t*(int64_t m)>;  // row m's column 0; nullptr: not stored
+void bf16_gemm(const Bf16Kernel& k, const Bf16Gemm& g, Bf16OutRow out_row);
+
+// body(i, block, out_rows) fills work item i's block (its out_rows: 32
+// pointers) for items [0, n), which the threads share; then the kernel runs it.
+using Bf16Fill = c10::function_ref<void(int64_t i, Bf16Block& block, uint16_t** out_rows)>;
+void bf16_blocks(const Bf16Kernel& k, int64_t n, Bf16Fill fill);
 
 // ------------------------------------------------------------------ sparse_gemm.cpp
 

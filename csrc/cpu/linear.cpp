@@ -74,6 +74,8 @@ at::Tensor linear_forward(const at::Tensor& x_, const at::Tensor& values_, const
                           const std::optional<at::Tensor>& bias, int64_t out_features) {
   const at::ScalarType dtype = op_dtype({&x_, &values_}, {"x", "values"});
   if (bias.has_value()) op_dtype({&x_, &*bias}, {"x", "bias"});
+  if (const Bf16Kernel* k = bf16_runs(x_, values_.size(1), values_.size(2)))
+    return bf16_linear_forward(*k, x_, values_, row_ptr, col_idx, slot, bias, out_features);
   if (dtype != at::kFloat)
     return widened_call(dtype, linear_forward, x_, values_, row_ptr, col_idx, slot, bias, out_features);
   const at::Tensor x = x_.contiguous();
@@ -120,6 +122,8 @@ at::Tensor linear_forward(const at::Tensor& x_, const at::Tensor& values_, const
 at::Tensor linear_grad_input(const at::Tensor& dy_, const at::Tensor& values_, const at::Tensor& col_ptr,
                              const at::Tensor& row_idx, const at::Tensor& tslot, int64_t in_features) {
   const at::ScalarType dtype = op_dtype({&dy_, &values_}, {"grad_out", "values"});
+  if (const Bf16Kernel* k = bf16_runs(dy_, values_.size(1), values_.size(2)))
+    return bf16_linear_grad_input(*k, dy_, values_, col_ptr, row_idx, tslot, in_features);
   if (dtype != at::kFloat)
     return widened_call(dtype, linear_grad_input, dy_, values_, col_ptr, row_idx, tslot, in_features);
   const at::Tensor dy = dy_.contiguous(), values = values_.contiguous();
@@ -148,6 +152,8 @@ at::Tensor linear_grad_values(const at::Tensor& dy_, const at::Tensor& x_, const
                               const at::Tensor& col_idx, const at::Tensor& slot,
                               at::IntArrayRef block_size) {
   const at::ScalarType dtype = op_dtype({&dy_, &x_}, {"grad_out", "x"});
+  if (const Bf16Kernel* k = bf16_runs(dy_, block_size[0], block_size[1]))
+    return bf16_linear_grad_values(*k, dy_, x_, row_ptr, col_idx, slot, block_size);
   if (dtype != at::kFloat)
     return widened_call(dtype, linear_grad_values, dy_, x_, row_ptr, col_idx, slot, block_size);
   const at::Tensor dy = dy_.contiguous(), x = x_.contiguous();

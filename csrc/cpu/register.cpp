@@ -26,6 +26,7 @@ TORCH_LIBRARY(freetickets_cpu, m) {
         "int[] dilation) -> Tensor");
   m.def("build_info() -> str", &ftk_cpu::build_info);
   m.def("set_isa(str name) -> str", &ftk_cpu::set_isa);
+  m.def("bf16_unavailable() -> str", &ftk_cpu::bf16_unavailable);
 }
 
 TORCH_LIBRARY_IMPL(freetickets_cpu, CPU, m) {

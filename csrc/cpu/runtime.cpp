@@ -13,11 +13,27 @@ namespace detail {
 namespace {
 
 std::atomic<const IsaKernel*> g_isa{nullptr};
+std::atomic<const Bf16Kernel*> g_bf16{nullptr};
 
 const IsaKernel* isa_by_name(const std::string& name) {
   if (name == "avx512") return &isa_avx512();
   if (name == "avx2") return &isa_avx2();
   if (name == "portable") return &isa_portable();
+  return nullptr;
+}
+
+// The bf16 kernels, best first.  The emulation is for tests: never chosen by "auto".
+const Bf16Kernel* const kBf16Kernels[] = {&bf16_amx(), &bf16_avx512(), &bf16_emulated()};
+
+const Bf16Kernel* bf16_by_name(const std::string& name) {
+  for (const Bf16Kernel* k : kBf16Kernels)
+    if (name == k->name) return k;
+  return nullptr;
+}
+
+const Bf16Kernel* best_bf16() {
+  for (const Bf16Kernel* k : {&bf16_amx(), &bf16_avx512()})
+    if (bf16_supported(*k, nullptr)) return k;
   return nullptr;
 }
 
@@ -27,12 +43,20 @@ const IsaKernel& best_isa() {
   return isa_portable();
 }
 
+// "auto": the best of both.  A float32 set (avx512, avx2, portable): that
+// one, bf16 widened to it.  A bf16 kernel (amx, avx512_bf16, amx_emulated):
+// that one for bf16, the best float32 set for float32.
 const IsaKernel& set_isa_checked(const std::string& name) {
-  const IsaKernel* isa = name == "auto" ? &best_isa() : isa_by_name(name);
+  const Bf16Kernel* bf16 = bf16_by_name(name);
+  const IsaKernel* isa = name == "auto" || bf16 ? &best_isa() : isa_by_name(name);
   TORCH_CHECK(isa != nullptr, "freetickets_cpu: unknown instruction set '", name,
-              "'; choose auto, avx512, avx2 or portable");
+              "'; choose auto, avx512, avx2, portable (float32; bf16 widened) or amx, avx512_bf16, "
+              "amx_emulated (bf16)");
   TORCH_CHECK(isa_supported(*isa), "freetickets_cpu: this CPU (or this build) has no '", name,
               "' kernel; best available is '", best_isa().name, "'");
+  const char* why = nullptr;
+  TORCH_CHECK(!bf16 || bf16_supported(*bf16, &why), "freetickets_cpu: no '", name, "' bf16 kernel here: ", why ? why : "");
+  g_bf16.store(name == "auto" ? best_bf16() : bf16);
   g_isa.store(isa);
   return *isa;
 }
@@ -54,6 +78,11 @@ const IsaKernel& isa() {
   if (current) return *current;
   const char* env = std::getenv("FREETICKETS_CPU_ISA");
   return set_isa_checked(env && *env ? env : "auto");
+}
+
+const Bf16Kernel* bf16_kernel() {
+  isa();  // makes the choice on first use
+  return g_bf16.load();
 }
 
 void check_float(const at::Tensor& t, const char* name) {
@@ -140,6 +169,16 @@ std::string build_info() {
     s += k->name;
     sep = ",";
   }
+  s += " bf16=";
+  s += detail::bf16_kernel() ? detail::bf16_kernel()->name : "widened";
+  s += " bf16_kernels=";
+  sep = "";
+  for (const Bf16Kernel* k : detail::kBf16Kernels) {
+    if (!bf16_supported(*k, nullptr)) continue;
+    s += sep;
+    s += k->name;
+    sep = ",";
+  }
 #ifdef _OPENMP
   s += " openmp=" + std::to_string(_OPENMP);
 #else
@@ -149,6 +188,21 @@ std::string build_info() {
   return s;
 }
 
-std::string set_isa(const std::string& name) { return detail::set_isa_checked(name).name; }
+std::string set_isa(const std::string& name) {
+  detail::set_isa_checked(name);
+  const Bf16Kernel* bf16 = detail::bf16_by_name(name);
+  return bf16 ? bf16->name : detail::isa().name;
+}
+
+std::string bf16_unavailable() {
+  std::string s;
+  for (const Bf16Kernel* k : detail::kBf16Kernels) {
+    const char* why = nullptr;
+    if (bf16_supported(*k, &why)) continue;
+    if (!s.empty()) s += "\n";
+    s += std::string(k->name) + ": " + (why ? why : "unavailable");
+  }
+  return s;
+}
 
 }  // namespace ftk_cpu

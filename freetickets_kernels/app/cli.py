@@ -23,6 +23,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         module = backends.BACKENDS[name].module
         if hasattr(module, "build_info"):
             info[f"{name}_backend_build"] = module.build_info()
+        for line in getattr(module, "bf16_unavailable", lambda: "")().splitlines():
+            kernel, why = line.split(": ", 1)  # one line per bf16 kernel this machine cannot run
+            info[f"{name}_no_{kernel}"] = why
     if args.json:
         print(json.dumps({"machine": info, "backends": rows}, indent=2))
         return 0

@@ -1,0 +1,105 @@
+// The bf16 driver: packing the live blocks for the kernel, and running the
+// kernel over (row tile, column chunk group) items that the threads share.
+#include "internal.h"
+
+namespace ftk_cpu {
+namespace detail {
+
+const Bf16Kernel* bf16_runs(const at::Tensor& operand, int64_t bo, int64_t bi) {
+  if (operand.scalar_type() != at::kBFloat16 || bo % kBf16Cols || bi % kBf16K) return nullptr;
+  return bf16_kernel();
+}
+
+at::Tensor pack_blocks_vnni(const at::Tensor& values, bool reduce_inner) {
+  const int64_t nnzb = values.size(0), bo = values.size(1), bi = values.size(2);
+  const at::Tensor v = values.contiguous();
+  at::Tensor packed = at::empty({nnzb * bo * bi}, v.options());
+  const uint16_t* src = static_cast<const uint16_t*>(v.data_ptr());
+  uint16_t* dst = static_cast<uint16_t*>(packed.data_ptr());
+  // Sub-block (g, kc) of a slot: B[k][n] at [n / 16][k / 2][n % 16][k % 2].
+  // reduce_inner: B[k][n] = V[g*32 + n][kc*32 + k]; else V[kc*32 + k][g*32 + n].
+  const int64_t groups = (reduce_inner ? bo : bi) / kBf16Cols, chunks = (reduce_inner ? bi : bo) / kBf16K;
+  at::parallel_for(0, nnzb, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t s = begin; s < end; ++s)
+      for (int64_t g = 0; g < groups; ++g)
+        for (int64_t kc = 0; kc < chunks; ++kc) {
+          const uint16_t* v0 = src + s * bo * bi;
+          uint16_t* out = dst + ((s * groups + g) * chunks + kc) * kBf16PackedBlock;
+          if (reduce_inner) {
+            for (int64_t n = 0; n < kBf16Cols; ++n) {  // one V row: 16 pairs of k, contiguous
+              const uint32_t* row = reinterpret_cast<const uint32_t*>(v0 + (g * kBf16Cols + n) * bi + kc * kBf16K);
+              uint32_t* col = reinterpret_cast<uint32_t*>(out) + (n / 16) * 256 + n % 16;
+              for (int64_t p = 0; p < kBf16K / 2; ++p) col[p * 16] = row[p];
+            }
+          } else {
+            for (int64_t k = 0; k < kBf16K; ++k) {  // one V row: k, all 32 n
+              const uint16_t* row = v0 + (kc * kBf16K + k) * bi + g * kBf16Cols;
+              uint16_t* pair = out + (k / 2) * 32 + k % 2;
+              for (int64_t n = 0; n < kBf16Cols; ++n) pair[(n / 16) * 512 + (n % 16) * 2] = row[n];
+            }
+          }
+        }
+  });
+  return packed;
+}
+
+void bf16_blocks(const Bf16Kernel& k, int64_t n, Bf16Fill fill) {
+  share_items(n, [&](int64_t begin, int64_t end) {
+    uint16_t* out_rows[2 * kBf16TileRows];
+    k.begin();
+    for (int64_t i = begin; i < end; ++i) {
+      Bf16Block block{};
+      block.out_rows = out_rows;
+      block.out_col_stride = 1;
+      fill(i, block, out_rows);
+      k.block(block);
+    }
+    k.end();
+  });
+}
+
+void bf16_gemm(const Bf16Kernel& k, const Bf16Gemm& g, Bf16OutRow out_row) {
+  constexpr int64_t kTile = 2 * kBf16TileRows;
+  const int64_t tiles = cdiv(g.rows, kTile), chunks = int64_t(g.chunk_col.size());
+  if (tiles == 0 || chunks == 0) return;
+  // Items are (row tile, chunk group); a thread's consecutive items share a
+  // row tile, whose A rows then stay in L1/L2 across its chunks while B
+  // streams in order.  Panels of row tiles that keep a chunk's B in L1
+  // instead measured slower (docs/cpu-backend.md, "bf16 kernels").
+  const int64_t groups = std::min<int64_t>(chunks, cdiv(8 * at::get_num_threads(), tiles));
+  const int64_t per_group = cdiv(chunks, groups);
+  share_items(tiles * groups, [&](int64_t begin, int64_t end) {
+    std::vector<uint8_t> tail;  // a row tile past a_readable: its rows, zero-padded
+    uint16_t* rows_out[kTile];
+    uint16_t* out_rows[kTile];
+    int64_t rows_of = -1;  // the tile rows_out holds
+    k.begin();
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t tile = item / groups, group = item % groups;
+      const int64_t m0 = tile * kTile, valid = std::min(kTile, g.rows - m0);
+      const int row_tiles = valid > kBf16TileRows ? 2 : 1;
+      const uint8_t* a = g.a + m0 * g.lda;
+      if (m0 + row_tiles * kBf16TileRows > g.a_readable) {
+        tail.assign(size_t(kTile * g.lda), 0);
+        std::memcpy(tail.data(), a, size_t(valid * g.lda));
+        a = tail.data();
+      }
+      if (rows_of != tile)
+        for (int64_t t = 0; t < kTile; ++t) rows_out[t] = t < valid ? out_row(m0 + t) : nullptr;
+      rows_of = tile;
+      const int64_t j1 = std::min(chunks, (group + 1) * per_group);
+      for (int64_t j = group * per_group; j < j1; ++j) {
+        const int64_t col = g.chunk_col[j];
+        for (int64_t t = 0; t < kTile; ++t) out_rows[t] = rows_out[t] ? rows_out[t] + col * g.out_col_stride : nullptr;
+        Bf16Block block{row_tiles, a, g.lda, g.b, g.ldb, g.b_half, g.terms.data() + g.chunk_ptr[j],
+                        g.chunk_ptr[j + 1] - g.chunk_ptr[j], int(std::min<int64_t>(kBf16Cols, g.out_cols - col)),
+                        g.bias ? g.bias + col : nullptr, out_rows, g.out_col_stride};
+        k.block(block);
+      }
+    }
+    k.end();
+  });
+}
+
+}  // namespace detail
+}  // namespace ftk_cpu

@@ -1,0 +1,122 @@
+// Linear ops on bfloat16 operands through the bf16 kernel (bf16_tile.h):
+// y = x W^T + b and dx = dy W as row-tile GEMMs over packed blocks, and
+// dv = dy^T x per live block over the tokens.  float32 accumulation, one
+// rounding to bf16 per result.
+#include "internal.h"
+
+namespace ftk_cpu {
+using namespace detail;
+namespace {
+
+// x as the kernel's A: bf16 rows of a whole number of 32-element chunks
+// (zero-padded where the features are ragged; a chunk past them reads zeros).
+at::Tensor rows_of_chunks(const at::Tensor& x) {
+  const int64_t k = x.size(1);
+  if (k % kBf16K == 0) return x.contiguous();
+  at::Tensor padded = at::zeros({x.size(0), cdiv(k, kBf16K) * kBf16K}, x.options());
+  padded.narrow(1, 0, k).copy_(x);
+  return padded;
+}
+
+const uint8_t* bytes(const at::Tensor& t) { return static_cast<const uint8_t*>(t.data_ptr()); }
+
+// The row-tile GEMM C = A B over `outer` output blocks of `block` columns:
+// block j sums its live blocks ptr[j]..ptr[j+1] (inner block idx, packed
+// slot) over chunks of `inner` reduction columns.
+at::Tensor block_rows_gemm(const Bf16Kernel& k, const at::Tensor& a_, int64_t out_cols, int64_t block, int64_t inner,
+                           int64_t reduction, const at::Tensor& packed, const int32_t* ptr, const int32_t* idx,
+                           const int32_t* slot, const at::Tensor& bias) {
+  const at::Tensor a = rows_of_chunks(a_);
+  const int64_t rows = a.size(0), groups = block / kBf16Cols, chunks = inner / kBf16K;
+  at::Tensor c = at::empty({rows, out_cols}, a.options());
+  Bf16Gemm g{rows, bytes(a), a.size(1) * 2, rows, bytes(packed)};
+  g.out_cols = out_cols;
+  g.bias = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  for (int64_t j = 0; j < cdiv(out_cols, block); ++j)
+    for (int64_t grp = 0; grp < groups && j * block + grp * kBf16Cols < out_cols; ++grp) {
+      for (int32_t e = ptr[j]; e < ptr[j + 1]; ++e)
+        for (int64_t kc = 0; kc < chunks; ++kc) {
+          const int64_t k0 = idx[e] * inner + kc * kBf16K;
+          if (k0 >= reduction) break;  // past a ragged edge: padding
+          g.terms.push_back({k0 * 2, ((slot[e] * groups + grp) * chunks + kc) * kBf16PackedBlock * 2});
+        }
+      g.chunk_ptr.push_back(int64_t(g.terms.size()));
+      g.chunk_col.push_back(j * block + grp * kBf16Cols);
+    }
+  uint16_t* out = static_cast<uint16_t*>(c.data_ptr());
+  bf16_gemm(k, g, [&](int64_t m) { return out + m * out_cols; });
+  return c;
+}
+
+}  // namespace
+
+at::Tensor bf16_linear_forward(const Bf16Kernel& k, const at::Tensor& x, const at::Tensor& values,
+                               const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& slot,
+                               const std::optional<at::Tensor>& bias, int64_t out_features) {
+  const int64_t in = x.size(1), nnzb = values.size(0), bo = values.size(1), bi = values.size(2);
+  check_indices(row_ptr, col_idx, slot, cdiv(in, bi), nnzb, "BSR");
+  TORCH_CHECK(row_ptr.numel() - 1 == cdiv(out_features, bo), "freetickets_cpu: row_ptr does not match out_features");
+  at::Tensor b;
+  if (bias.has_value()) {
+    b = at::zeros({cdiv(out_features, bo) * bo + kBf16Cols}, values.options().dtype(at::kFloat));
+    b.narrow(0, 0, out_features).copy_(*bias);
+  }
+  return block_rows_gemm(k, x, out_features, bo, bi, in, pack_blocks_vnni(values, true), row_ptr.data_ptr<int32_t>(),
+                         col_idx.data_ptr<int32_t>(), slot.data_ptr<int32_t>(), b);
+}
+
+at::Tensor bf16_linear_grad_input(const Bf16Kernel& k, const at::Tensor& dy, const at::Tensor& values,
+                                  const at::Tensor& col_ptr, const at::Tensor& row_idx, const at::Tensor& tslot,
+                                  int64_t in_features) {
+  const int64_t out = dy.size(1), nnzb = values.size(0), bo = values.size(1), bi = values.size(2);
+  check_indices(col_ptr, row_idx, tslot, cdiv(out, bo), nnzb, "transposed");
+  TORCH_CHECK(col_ptr.numel() - 1 == cdiv(in_features, bi), "freetickets_cpu: col_ptr does not match in_features");
+  return block_rows_gemm(k, dy, in_features, bi, bo, out, pack_blocks_vnni(values, false),
+                         col_ptr.data_ptr<int32_t>(), row_idx.data_ptr<int32_t>(), tslot.data_ptr<int32_t>(),
+                         at::Tensor());
+}
+
+at::Tensor bf16_linear_grad_values(const Bf16Kernel& k, const at::Tensor& dy, const at::Tensor& x,
+                                   const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& slot,
+                                   at::IntArrayRef block_size) {
+  const int64_t n = dy.size(0), out = dy.size(1), in = x.size(1), bo = block_size[0], bi = block_size[1];
+  const int64_t nnzb = col_idx.numel(), R = row_ptr.numel() - 1, C = cdiv(in, bi);
+  check_indices(row_ptr, col_idx, slot, C, nnzb, "BSR");
+  TORCH_CHECK(R == cdiv(out, bo), "freetickets_cpu: row_ptr does not match grad_out's features");
+  at::Tensor dv = at::empty({nnzb, bo, bi}, x.options());
+  // The reduction runs over tokens: A = dy^T (features x tokens), B = x in
+  // VNNI pairs of tokens ([tokens / 2][features][2]); both zero-padded to
+  // whole blocks and 32 tokens, so padding contributes nothing.
+  const int64_t np = cdiv(std::max<int64_t>(n, 1), kBf16K) * kBf16K;
+  at::Tensor dyt = at::zeros({R * bo, np}, dy.options());
+  dyt.narrow(0, 0, out).narrow(1, 0, n).copy_(dy.t());
+  at::Tensor xp = at::zeros({np, C * bi}, x.options());
+  xp.narrow(0, 0, n).narrow(1, 0, in).copy_(x);
+  const at::Tensor xv = xp.view({np / 2, 2, C * bi}).permute({0, 2, 1}).contiguous();
+  const int64_t lda = np * 2, ldb = C * bi * 4;
+  std::vector<Bf16Term> terms;
+  for (int64_t t = 0; t < np / kBf16K; ++t) terms.push_back({t * kBf16K * 2, t * kBf16K / 2 * ldb});
+  std::vector<int64_t> block_row(nnzb);
+  const int32_t *rp = row_ptr.data_ptr<int32_t>(), *ci = col_idx.data_ptr<int32_t>(), *sl = slot.data_ptr<int32_t>();
+  for (int64_t r = 0; r < R; ++r)
+    for (int32_t e = rp[r]; e < rp[r + 1]; ++e) block_row[e] = r;
+  const int64_t og = bo / kBf16Cols, ig = bi / kBf16Cols;
+  uint16_t* dvp = static_cast<uint16_t*>(dv.data_ptr());
+  bf16_blocks(k, nnzb * og * ig, [&](int64_t item, Bf16Block& b, uint16_t** out_rows) {
+    const int64_t e = item / (og * ig), o = item / ig % og, i = item % ig;
+    b.row_tiles = 2;
+    b.a = bytes(dyt) + (block_row[e] * bo + o * kBf16Cols) * lda;
+    b.lda = lda;
+    b.b = bytes(xv) + (ci[e] * bi + i * kBf16Cols) * 4;
+    b.ldb = ldb;
+    b.b_half = 16 * 4;
+    b.terms = terms.data();
+    b.nterms = int64_t(terms.size());
+    b.cols = kBf16Cols;
+    for (int t = 0; t < 2 * kBf16TileRows; ++t)
+      out_rows[t] = dvp + (sl[e] * bo + o * kBf16Cols + t) * bi + i * kBf16Cols;
+  });
+  return dv;
+}
+
+}  // namespace ftk_cpu

@@ -1,0 +1,82 @@
+// The one inner kernel of the bfloat16 CPU path, shared by every bf16 op (torch-free).
+//
+// A block computes C (16 or 32 rows x 32 columns, float32) as a sum over
+// terms of A_i (rows x 32, bf16) . B_i (32 x 32, bf16), then stores
+// C (+ bias) rounded to bf16 through per-row output pointers.  This is the
+// shape of AMX's TDPBF16PS: an A tile is 16 rows of 32 bf16, a B tile 16
+// pairs of reduction rows of 16 columns in VNNI order (B[k][n] at pair row
+// k / 2, element 2 n + k % 2), C tiles 16 x 16 floats.  A 32-wide block is
+// two B tiles ("halves"), so C lives in 2 (16 rows) or 4 (32 rows) tile
+// registers across all of a block's terms.
+//
+// Three implementations (bf16_amx.cpp, bf16_avx512.cpp, bf16_emulated.cpp):
+// the AMX tile program, the same sums with AVX512-BF16 (VDPBF16PS), and the
+// tile program over a scalar emulation of the AMX instructions, which the
+// tests run on every machine so the tiling and index math are proven where
+// AMX is absent.
+#pragma once
+#include <cstdint>
+
+namespace ftk_cpu {
+
+constexpr int kBf16Cols = 32;       // columns of a block (two B tiles)
+constexpr int kBf16K = 32;          // reduction length of a term (one A tile row)
+constexpr int kBf16TileRows = 16;   // rows of an A / C tile
+constexpr int64_t kBf16PackedBlock = kBf16K * kBf16Cols;  // bf16 elements of a packed 32 x 32 B
+
+struct Bf16Term {
+  int64_t a_off;  // bytes from the block's A to this term's (A row 0, first reduction column)
+  int64_t b_off;  // bytes from the block's B to this term's (pair row 0, columns 0-15)
+};
+
+struct Bf16Block {
+  int row_tiles;                 // 1: 16 rows, 2: 32 rows (always readable from A)
+  const uint8_t* a;              // A row 0
+  int64_t lda;                   // bytes between A rows
+  const uint8_t* b;              // B base
+  int64_t ldb;                   // bytes between B pair rows
+  int64_t b_half;                // bytes from B's columns 0-15 to columns 16-31
+  const Bf16Term* terms;
+  int64_t nterms;
+  int cols;                      // columns stored (<= 32)
+  const float* bias;             // 32 floats added before rounding, or nullptr
+  uint16_t* const* out_rows;     // [16 * row_tiles]: where row t's column 0 goes; nullptr: not stored
+  int64_t out_col_stride;        // elements between stored columns
+};
+
+// One bf16 kernel: `begin` once per thread and op call before its blocks
+// (AMX: load the tile configuration, which oneDNN may have replaced since),
+// `end` after them (AMX: release the tile state).
+struct Bf16Kernel {
+  const char* name;
+  void (*begin)();
+  void (*block)(const Bf16Block& b);
+  void (*end)();
+};
+
+const Bf16Kernel& bf16_amx();
+const Bf16Kernel& bf16_avx512();
+const Bf16Kernel& bf16_emulated();
+
+// Whether this CPU (and this build, and for AMX the OS) runs `k`; when not,
+// `why` says in one line.
+bool bf16_supported(const Bf16Kernel& k, const char** why);
+
+// float32 -> bfloat16, round to nearest even (NaN stays NaN).
+// static: each file gets its own copy, compiled for its own target.
+static inline uint16_t bf16_round(float f) {
+  uint32_t u;
+  __builtin_memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return uint16_t(u >> 16);
+}
+
+static inline float bf16_widen(uint16_t h) {
+  const uint32_t u = uint32_t(h) << 16;
+  float f;
+  __builtin_memcpy(&f, &u, 4);
+  return f;
+}
+
+}  // namespace ftk_cpu
