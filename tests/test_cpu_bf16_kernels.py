@@ -98,3 +98,51 @@ def test_float32_isa_widens_bf16():
 
     cpu.set_isa("portable")
     assert "bf16=widened" in cpu.build_info()
+
+
+CONV_CASES = [
+    # (cout, cin, kernel, block, density, batch, hw, stride, padding, dilation)
+    (64, 64, (3, 3), (32, 32), 0.5, 2, (7, 6), (1, 1), (1, 1), (1, 1)),
+    (64, 32, (3, 3), (32, 32), 0.6, 1, (9, 8), (2, 2), (1, 1), (1, 1)),
+    (40, 50, (3, 2), (32, 32), 0.6, 2, (8, 9), (2, 1), (0, 2), (2, 1)),
+    (64, 96, (1, 1), (32, 32), 1.0, 2, (5, 5), (1, 1), (0, 0), (1, 1)),
+    (96, 64, (1, 1), (32, 64), 0.7, 3, (6, 6), (2, 2), (0, 0), (1, 1)),
+    (32, 32, (3, 3), (32, 32), 0.0, 1, (5, 5), (1, 1), (1, 1), (1, 1)),
+    (70, 40, (3, 3), (64, 32), 0.5, 3, (9, 9), (1, 1), (2, 2), (2, 2)),
+    (64, 64, (5, 5), (32, 32), 0.4, 1, (12, 11), (1, 1), (2, 2), (1, 1)),
+    (32, 32, (3, 3), (32, 32), 1.0, 1, (1, 1), (1, 1), (1, 1), (1, 1)),
+]
+
+
+@pytest.mark.parametrize("kernel", _kernels())
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("cout,cin,ksize,block,density,batch,hw,stride,padding,dilation", CONV_CASES)
+def test_conv2d(kernel, fmt, cout, cin, ksize, block, density, batch, hw, stride, padding, dilation):
+    from freetickets_kernels.backends import cpu
+
+    cpu.set_isa(kernel)
+    layout = random_layout((cout, cin, *ksize), block, density)
+    values = random_values(layout, dtype=torch.float32)
+    x = torch.randn(batch, cin, *hw)
+    if fmt == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    geo = (stride, padding, dilation)
+    _compare(lambda x, v, b: ftk.block_sparse_conv2d(x, v, layout, b, *geo), [x, values, torch.randn(cout)])
+
+
+@pytest.mark.parametrize("kernel", _kernels())
+@pytest.mark.parametrize("view", ["every_other_row", "cropped"])
+def test_conv2d_strided_views(kernel, view):
+    # a strided view is read through its strides; the output takes the float32 op's layout
+    from freetickets_kernels.backends import cpu
+
+    cpu.set_isa(kernel)
+    layout = random_layout((32, 32, 3, 3), (32, 32), 1.0)
+    values = random_values(layout, dtype=torch.float32)
+    pick = {"every_other_row": lambda t: t[:, :, ::2], "cropped": lambda t: t[..., 1:7]}[view]
+    base = torch.randn(2, 32, 12, 12).bfloat16().to(memory_format=torch.channels_last)
+    _compare(lambda x, v: ftk.block_sparse_conv2d(x, v, layout, padding=1), [pick(base).float(), values])
+    with ftk.use_backend("cpu"):
+        got = ftk.block_sparse_conv2d(pick(base), values.bfloat16(), layout, padding=1)
+        want = ftk.block_sparse_conv2d(pick(base.float()), values.bfloat16().float(), layout, padding=1)
+    assert got.stride() == want.stride()

@@ -78,7 +78,9 @@ void bf16_gemm(const Bf16Kernel& k, const Bf16Gemm& g, Bf16OutRow out_row) {
       const int64_t tile = item / groups, group = item % groups;
       const int64_t m0 = tile * kTile, valid = std::min(kTile, g.rows - m0);
       const int row_tiles = valid > kBf16TileRows ? 2 : 1;
-      const uint8_t* a = g.a + m0 * g.lda;
+      const uint8_t* a = g.rows_per_image
+                             ? g.a + m0 / g.rows_per_image * g.image_bytes + m0 % g.rows_per_image * g.lda
+                             : g.a + m0 * g.lda;
       if (m0 + row_tiles * kBf16TileRows > g.a_readable) {
         tail.assign(size_t(kTile * g.lda), 0);
         std::memcpy(tail.data(), a, size_t(valid * g.lda));

@@ -310,6 +310,9 @@ at::Tensor conv2d_forward(const at::Tensor& x, const at::Tensor& values_, const 
                           at::IntArrayRef dilation) {
   const at::ScalarType dtype = op_dtype({&x, &values_}, {"x", "values"});
   if (bias.has_value()) op_dtype({&x, &*bias}, {"x", "bias"});
+  if (const Bf16Kernel* k = bf16_runs(x, values_.size(1), values_.size(2)))
+    return bf16_conv2d_forward(*k, x, values_, row_ptr, col_idx, slot, bias, out_channels, kernel, stride, padding,
+                               dilation);
   if (dtype != at::kFloat)
     return widened_call(dtype, conv2d_forward, x, values_, row_ptr, col_idx, slot, bias, out_channels, kernel, stride,
                         padding, dilation);
@@ -352,6 +355,9 @@ at::Tensor conv2d_grad_input(const at::Tensor& dy, const at::Tensor& values_, co
                              at::IntArrayRef input_size, at::IntArrayRef kernel, at::IntArrayRef stride,
                              at::IntArrayRef padding, at::IntArrayRef dilation) {
   const at::ScalarType dtype = op_dtype({&dy, &values_}, {"grad_out", "values"});
+  if (const Bf16Kernel* k = bf16_runs(dy, values_.size(1), values_.size(2)))
+    if (bf16_conv_grad_runs(stride, padding, kernel, dilation))
+      return bf16_conv2d_grad_input(*k, dy, values_, col_ptr, row_idx, tslot, input_size, kernel, padding, dilation);
   if (dtype != at::kFloat)
     return widened_call(dtype, conv2d_grad_input, dy, values_, col_ptr, row_idx, tslot, input_size, kernel, stride,
                         padding, dilation);
@@ -408,6 +414,9 @@ at::Tensor conv2d_grad_values(const at::Tensor& dy, const at::Tensor& x, const a
                               at::IntArrayRef block_size, at::IntArrayRef kernel, at::IntArrayRef stride,
                               at::IntArrayRef padding, at::IntArrayRef dilation) {
   const at::ScalarType dtype = op_dtype({&dy, &x}, {"grad_out", "x"});
+  if (const Bf16Kernel* k = bf16_runs(dy, block_size[0], block_size[1]))
+    if (bf16_conv_grad_runs(stride, padding, kernel, dilation))
+      return bf16_conv2d_grad_values(*k, dy, x, row_ptr, col_idx, slot, block_size, kernel, padding, dilation);
   if (dtype != at::kFloat)
     return widened_call(dtype, conv2d_grad_values, dy, x, row_ptr, col_idx, slot, block_size, kernel, stride, padding,
                         dilation);

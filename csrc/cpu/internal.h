@@ -70,6 +70,22 @@ at::Tensor bf16_linear_grad_input(const Bf16Kernel& k, const at::Tensor& grad_ou
 at::Tensor bf16_linear_grad_values(const Bf16Kernel& k, const at::Tensor& grad_out, const at::Tensor& x,
                                    const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& slot,
                                    at::IntArrayRef block_size);
+at::Tensor bf16_conv2d_forward(const Bf16Kernel& k, const at::Tensor& x, const at::Tensor& values,
+                               const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& slot,
+                               const std::optional<at::Tensor>& bias, int64_t out_channels, at::IntArrayRef kernel,
+                               at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation);
+// Whether the bf16 conv gradients take this geometry (stride 1, padding at
+// most the dilated kernel's reach); others are widened.
+bool bf16_conv_grad_runs(at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef kernel,
+                         at::IntArrayRef dilation);
+at::Tensor bf16_conv2d_grad_input(const Bf16Kernel& k, const at::Tensor& grad_out, const at::Tensor& values,
+                                  const at::Tensor& col_ptr, const at::Tensor& row_idx, const at::Tensor& tslot,
+                                  at::IntArrayRef input_size, at::IntArrayRef kernel, at::IntArrayRef padding,
+                                  at::IntArrayRef dilation);
+at::Tensor bf16_conv2d_grad_values(const Bf16Kernel& k, const at::Tensor& grad_out, const at::Tensor& x,
+                                   const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& slot,
+                                   at::IntArrayRef block_size, at::IntArrayRef kernel, at::IntArrayRef padding,
+                                   at::IntArrayRef dilation);
 
 namespace detail {
 
@@ -208,6 +224,9 @@ struct Bf16Gemm {
   int64_t out_cols;
   const float* bias = nullptr;  // float32, readable to the last chunk's column + 32
   int64_t out_col_stride = 1;
+  // Rows in images of rows_per_image (a multiple of 32: no tile spans two),
+  // image_bytes apart in A (0: one image).
+  int64_t rows_per_image = 0, image_bytes = 0;
 };
 using Bf16OutRow = c10::function_ref<uint16_t*(int64_t m)>;  // row m's column 0; nullptr: not stored
 void bf16_gemm(const Bf16Kernel& k, const Bf16Gemm& g, Bf16OutRow out_row);

@@ -1,0 +1,245 @@
+// Conv2d ops on bfloat16 operands through the bf16 kernel (bf16_tile.h), as
+// implicit GEMMs on one zero-padded channels-last copy of the input.
+//
+// The copy holds each image's padded rows split by row phase (row r at
+// phase r % stride_h, row r / stride_h) and its width rounded up to a
+// multiple of stride_w.  GEMM rows are then "virtual pixels" v = y * Wv + x
+// of each image (Wv = padded width / stride_w, y < out_h), and tap (i, j)
+// reads pixel  phase_base + (i*dh / sh) * Wq + j*dw + sw * v : one stride for
+// every row of a tile, across output rows too, so a tile loads A straight
+// from the copy.  Virtual pixels with x >= out_w read padding and are not
+// stored (Wv - out_w of every Wv).  Grad-input (stride 1) is the forward
+// conv of grad_out with flipped taps and transposed blocks; grad-values
+// reduces over the padded pixels with grad_out^T placed on the same grid.
+// Strided grad-input and grad-values take the widened path.
+#include "internal.h"
+
+namespace ftk_cpu {
+using namespace detail;
+namespace {
+
+constexpr int64_t kTile = 2 * kBf16TileRows;
+
+const uint8_t* bytes(const at::Tensor& t) { return static_cast<const uint8_t*>(t.data_ptr()); }
+
+struct Geom {
+  int64_t n, cin, h, w, cout, oh, ow, kh, kw, sh, sw, ph, pw, dh, dw;
+};
+
+Geom geom(at::IntArrayRef in, int64_t cout, at::IntArrayRef k, at::IntArrayRef s, at::IntArrayRef p,
+          at::IntArrayRef d) {
+  Geom g{in[0], in[1], in[2], in[3], cout, 0, 0, k[0], k[1], s[0], s[1], p[0], p[1], d[0], d[1]};
+  g.oh = (g.h + 2 * g.ph - g.dh * (g.kh - 1) - 1) / g.sh + 1;
+  g.ow = (g.w + 2 * g.pw - g.dw * (g.kw - 1) - 1) / g.sw + 1;
+  TORCH_CHECK(g.oh > 0 && g.ow > 0, "freetickets_cpu: conv2d output would be empty");
+  return g;
+}
+
+// src [N, C, H, W] (any strides) padded by (pad_h, pad_w), row-phase split by
+// sh, width rounded up to a multiple of sw, channels to cp, channels-last,
+// `slack` zero pixels after the last image.
+struct Padded {
+  at::Tensor buf;  // [pixels, cp]
+  int64_t hq, wq, cp, image_pixels;
+  int64_t pixel(int64_t i_dh, int64_t j_dw, int64_t sh) const {  // tap offset, in pixels
+    return (i_dh % sh) * hq * wq + (i_dh / sh) * wq + j_dw;
+  }
+};
+
+Padded layout(const at::Tensor& src, int64_t pad_h, int64_t pad_w, int64_t sh, int64_t sw, int64_t cp) {
+  Padded p;
+  p.hq = cdiv(src.size(2) + 2 * pad_h, sh);
+  p.wq = cdiv(src.size(3) + 2 * pad_w, sw) * sw;
+  p.cp = cp;
+  p.image_pixels = sh * p.hq * p.wq;
+  return p;
+}
+
+Padded padded(const at::Tensor& src, int64_t pad_h, int64_t pad_w, int64_t sh, int64_t sw, int64_t cp,
+              int64_t slack) {
+  const int64_t n = src.size(0), c = src.size(1), h = src.size(2), w = src.size(3);
+  Padded p = layout(src, pad_h, pad_w, sh, sw, cp);
+  p.buf = at::zeros({n * p.image_pixels + slack, cp}, src.options());
+  const at::Tensor images = p.buf.narrow(0, 0, n * p.image_pixels).view({n, sh, p.hq, p.wq, cp});
+  const at::Tensor nhwc = src.permute({0, 2, 3, 1});
+  for (int64_t phase = 0; phase < sh; ++phase) {
+    // padded rows r = q * sh + phase hold source rows r - pad_h
+    const int64_t q0 = pad_h > phase ? cdiv(pad_h - phase, sh) : 0, y0 = q0 * sh + phase - pad_h;
+    if (y0 >= h) continue;
+    const int64_t rows = cdiv(h - y0, sh);
+    images.select(1, phase).narrow(1, q0, rows).narrow(2, pad_w, w).narrow(3, 0, c).copy_(
+        nhwc.slice(1, y0, h, sh));
+  }
+  return p;
+}
+
+// One term of an implicit GEMM: tap (i, j) of the conv being run, the
+// channel offset of its 32 reduction channels, its packed B sub-block.
+struct ConvTerm {
+  int64_t i, j, channel, b_block;
+};
+
+// out [N, C_out, oh, ow] (bf16, any strides) = the implicit GEMM over `src`
+// with the conv (kh, kw, stride, padding, dilation) whose output chunk j
+// (32 channels from chunk_col[j]) sums its terms.
+void implicit_gemm(const Bf16Kernel& k, const at::Tensor& src, int64_t cp, const Geom& g,
+                   const std::vector<int64_t>& chunk_ptr, const std::vector<int64_t>& chunk_col,
+                   const std::vector<ConvTerm>& terms, const at::Tensor& packed, const float* bias, at::Tensor& out) {
+  const int64_t wv = cdiv(g.w + 2 * g.pw, g.sw), rpi = cdiv(g.oh * wv, kTile) * kTile;
+  // The last tile of an image reads rpi virtual pixels (sw apart) from its
+  // farthest tap on: past the image, into zeros after the last one.
+  const Padded shape = layout(src, g.ph, g.pw, g.sh, g.sw, cp);
+  int64_t far = 0;
+  for (int64_t i = 0; i < g.kh; ++i) far = std::max(far, shape.pixel(i * g.dh, (g.kw - 1) * g.dw, g.sh));
+  const Padded p = padded(src, g.ph, g.pw, g.sh, g.sw, cp, std::max<int64_t>(0, far + g.sw * rpi - shape.image_pixels) + 1);
+  const int64_t lda = g.sw * cp * 2;
+  Bf16Gemm gemm{g.n * rpi, bytes(p.buf), lda, std::numeric_limits<int64_t>::max(), bytes(packed)};
+  gemm.rows_per_image = rpi;
+  gemm.image_bytes = p.image_pixels * cp * 2;
+  gemm.chunk_ptr = chunk_ptr;
+  gemm.chunk_col = chunk_col;
+  gemm.out_cols = out.size(1);
+  gemm.bias = bias;
+  gemm.out_col_stride = out.stride(1);
+  for (const ConvTerm& t : terms)
+    gemm.terms.push_back({(p.pixel(t.i * g.dh, t.j * g.dw, g.sh) * cp + t.channel) * 2, t.b_block * kBf16PackedBlock * 2});
+  uint16_t* base = static_cast<uint16_t*>(out.data_ptr());
+  const int64_t sn = out.stride(0), sy = out.stride(2), sx = out.stride(3);
+  bf16_gemm(k, gemm, [&](int64_t m) -> uint16_t* {
+    const int64_t img = m / rpi, v = m % rpi, y = v / wv, x = v % wv;
+    return y < g.oh && x < g.ow ? base + img * sn + y * sy + x * sx : nullptr;
+  });
+}
+
+at::Tensor padded_bias_f32(const std::optional<at::Tensor>& bias, int64_t padded_len) {
+  if (!bias.has_value()) return at::Tensor();
+  at::Tensor b = at::zeros({padded_len + kBf16Cols}, bias->options().dtype(at::kFloat));
+  b.narrow(0, 0, bias->numel()).copy_(*bias);
+  return b;
+}
+
+}  // namespace
+
+bool bf16_conv_grad_runs(at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef kernel,
+                         at::IntArrayRef dilation) {
+  // the transposed conv as a forward conv: stride 1 and padding d*(k-1) - p >= 0
+  return stride[0] == 1 && stride[1] == 1 && padding[0] <= dilation[0] * (kernel[0] - 1) &&
+         padding[1] <= dilation[1] * (kernel[1] - 1);
+}
+
+at::Tensor bf16_conv2d_forward(const Bf16Kernel& k, const at::Tensor& x, const at::Tensor& values,
+                               const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& slot,
+                               const std::optional<at::Tensor>& bias, int64_t out_channels, at::IntArrayRef kernel,
+                               at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
+  const Geom g = geom(x.sizes(), out_channels, kernel, stride, padding, dilation);
+  const int64_t nnzb = values.size(0), bo = values.size(1), bi = values.size(2);
+  const int64_t bpt = cdiv(g.cin, bi), R = row_ptr.numel() - 1, taps = g.kh * g.kw;
+  check_indices(row_ptr, col_idx, slot, taps * bpt, nnzb, "BSR");
+  TORCH_CHECK(R == cdiv(out_channels, bo), "freetickets_cpu: row_ptr does not match out_channels");
+  const int64_t groups = bo / kBf16Cols, chunks = bi / kBf16K;
+  std::vector<int64_t> chunk_ptr{0}, chunk_col;
+  std::vector<ConvTerm> terms;
+  const int32_t *rp = row_ptr.data_ptr<int32_t>(), *ci = col_idx.data_ptr<int32_t>(), *sl = slot.data_ptr<int32_t>();
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t grp = 0; grp < groups && r * bo + grp * kBf16Cols < out_channels; ++grp) {
+      for (int32_t e = rp[r]; e < rp[r + 1]; ++e) {
+        const int64_t tap = ci[e] / bpt, cb = ci[e] % bpt;
+        for (int64_t kc = 0; kc < chunks && cb * bi + kc * kBf16K < g.cin; ++kc)
+          terms.push_back({tap / g.kw, tap % g.kw, cb * bi + kc * kBf16K, (sl[e] * groups + grp) * chunks + kc});
+      }
+      chunk_ptr.push_back(int64_t(terms.size()));
+      chunk_col.push_back(r * bo + grp * kBf16Cols);
+    }
+  at::Tensor out = conv_output({g.n, out_channels, g.oh, g.ow}, x);
+  const at::Tensor b = padded_bias_f32(bias, R * bo);
+  implicit_gemm(k, x, bpt * bi, g, chunk_ptr, chunk_col, terms, pack_blocks_vnni(values, true),
+                b.defined() ? b.data_ptr<float>() : nullptr, out);
+  return out;
+}
+
+at::Tensor bf16_conv2d_grad_input(const Bf16Kernel& k, const at::Tensor& dy, const at::Tensor& values,
+                                  const at::Tensor& col_ptr, const at::Tensor& row_idx, const at::Tensor& tslot,
+                                  at::IntArrayRef input_size, at::IntArrayRef kernel, at::IntArrayRef padding,
+                                  at::IntArrayRef dilation) {
+  const int64_t cin = input_size[1], cout = dy.size(1), nnzb = values.size(0), bo = values.size(1),
+                bi = values.size(2);
+  const int64_t kh = kernel[0], kw = kernel[1], bpt = cdiv(cin, bi), R = cdiv(cout, bo);
+  check_indices(col_ptr, row_idx, tslot, R, nnzb, "transposed");
+  TORCH_CHECK(col_ptr.numel() - 1 == kh * kw * bpt, "freetickets_cpu: col_ptr does not match the input channels");
+  // dx = the stride-1 conv of dy padded by d*(k-1) - p, taps flipped, blocks transposed.
+  const int64_t p_h = dilation[0] * (kh - 1) - padding[0], p_w = dilation[1] * (kw - 1) - padding[1];
+  const Geom g = geom(dy.sizes(), cin, kernel, {1, 1}, {p_h, p_w}, dilation);
+  TORCH_CHECK(g.oh == input_size[2] && g.ow == input_size[3], "freetickets_cpu: grad_out does not match input_size");
+  const int64_t groups = bi / kBf16Cols, chunks = bo / kBf16K;
+  std::vector<int64_t> chunk_ptr{0}, chunk_col;
+  std::vector<ConvTerm> terms;
+  const int32_t *cp = col_ptr.data_ptr<int32_t>(), *ri = row_idx.data_ptr<int32_t>(), *ts = tslot.data_ptr<int32_t>();
+  for (int64_t cb = 0; cb < bpt; ++cb)
+    for (int64_t grp = 0; grp < groups && cb * bi + grp * kBf16Cols < cin; ++grp) {
+      for (int64_t tap = 0; tap < kh * kw; ++tap)
+        for (int32_t e = cp[tap * bpt + cb]; e < cp[tap * bpt + cb + 1]; ++e)
+          for (int64_t kc = 0; kc < chunks && ri[e] * bo + kc * kBf16K < cout; ++kc)
+            terms.push_back({kh - 1 - tap / kw, kw - 1 - tap % kw, ri[e] * bo + kc * kBf16K,
+                             (ts[e] * groups + grp) * chunks + kc});
+      chunk_ptr.push_back(int64_t(terms.size()));
+      chunk_col.push_back(cb * bi + grp * kBf16Cols);
+    }
+  at::Tensor dx = conv_output({input_size[0], cin, input_size[2], input_size[3]}, dy);
+  implicit_gemm(k, dy, R * bo, g, chunk_ptr, chunk_col, terms, pack_blocks_vnni(values, false), nullptr, dx);
+  return dx;
+}
+
+at::Tensor bf16_conv2d_grad_values(const Bf16Kernel& k, const at::Tensor& dy, const at::Tensor& x,
+                                   const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& slot,
+                                   at::IntArrayRef block_size, at::IntArrayRef kernel, at::IntArrayRef padding,
+                                   at::IntArrayRef dilation) {
+  const Geom g = geom(x.sizes(), dy.size(1), kernel, {1, 1}, padding, dilation);
+  TORCH_CHECK(g.oh == dy.size(2) && g.ow == dy.size(3), "freetickets_cpu: grad_out does not match the conv's output");
+  const int64_t bo = block_size[0], bi = block_size[1], nnzb = col_idx.numel();
+  const int64_t bpt = cdiv(g.cin, bi), R = row_ptr.numel() - 1, cp = bpt * bi;
+  check_indices(row_ptr, col_idx, slot, g.kh * g.kw * bpt, nnzb, "BSR");
+  TORCH_CHECK(R == cdiv(g.cout, bo), "freetickets_cpu: row_ptr does not match grad_out's channels");
+  // The reduction runs over every padded pixel of every image: output pixel
+  // (y, x) at v = y * Wq + x, where tap (i, j) reads padded input pixel
+  // v + i*dh*Wq + j*dw.  A = grad_out^T on that grid (zero where no output
+  // pixel is), B = the padded input in VNNI pairs of pixels, one copy per
+  // parity of the tap's offset.
+  const Padded shape = layout(x, g.ph, g.pw, 1, 1, cp);
+  const int64_t pixels = g.n * shape.image_pixels, kpad = cdiv(pixels, kBf16K) * kBf16K;
+  const int64_t far = shape.pixel((g.kh - 1) * g.dh, (g.kw - 1) * g.dw, 1);
+  const Padded p = padded(x, g.ph, g.pw, 1, 1, cp, kpad - pixels + far + 2);
+  at::Tensor dyt = at::zeros({R * bo, kpad}, dy.options());
+  dyt.narrow(1, 0, pixels).view({R * bo, g.n, p.hq, p.wq}).narrow(0, 0, g.cout).narrow(2, 0, g.oh).narrow(3, 0, g.ow)
+      .copy_(dy.permute({1, 0, 2, 3}));
+  const int64_t pairs = (p.buf.size(0) - 1) / 2;
+  at::Tensor even = p.buf.narrow(0, 0, 2 * pairs).view({pairs, 2, cp}).permute({0, 2, 1}).contiguous();
+  at::Tensor odd = p.buf.narrow(0, 1, 2 * pairs).view({pairs, 2, cp}).permute({0, 2, 1}).contiguous();
+  const int64_t lda = kpad * 2, ldb = cp * 4;
+  std::vector<Bf16Term> terms;
+  for (int64_t t = 0; t < kpad / kBf16K; ++t) terms.push_back({t * kBf16K * 2, t * kBf16K / 2 * ldb});
+  std::vector<int64_t> block_row(nnzb);
+  const int32_t *rp = row_ptr.data_ptr<int32_t>(), *ci = col_idx.data_ptr<int32_t>(), *sl = slot.data_ptr<int32_t>();
+  for (int64_t r = 0; r < R; ++r)
+    for (int32_t e = rp[r]; e < rp[r + 1]; ++e) block_row[e] = r;
+  at::Tensor dv = at::empty({nnzb, bo, bi}, x.options());
+  uint16_t* dvp = static_cast<uint16_t*>(dv.data_ptr());
+  const int64_t og = bo / kBf16Cols, ig = bi / kBf16Cols;
+  bf16_blocks(k, nnzb * og * ig, [&](int64_t item, Bf16Block& b, uint16_t** out_rows) {
+    const int64_t e = item / (og * ig), o = item / ig % og, i = item % ig;
+    const int64_t tap = ci[e] / bpt, cb = ci[e] % bpt;
+    const int64_t off = p.pixel(tap / g.kw * g.dh, tap % g.kw * g.dw, 1);
+    b.row_tiles = 2;
+    b.a = bytes(dyt) + (block_row[e] * bo + o * kBf16Cols) * lda;
+    b.lda = lda;
+    b.b = bytes(off % 2 ? odd : even) + off / 2 * ldb + (cb * bi + i * kBf16Cols) * 4;
+    b.ldb = ldb;
+    b.b_half = 16 * 4;
+    b.terms = terms.data();
+    b.nterms = int64_t(terms.size());
+    b.cols = kBf16Cols;
+    for (int t = 0; t < kTile; ++t) out_rows[t] = dvp + (sl[e] * bo + o * kBf16Cols + t) * bi + i * kBf16Cols;
+  });
+  return dv;
+}
+
+}  // namespace ftk_cpu
