@@ -214,32 +214,13 @@ at::Tensor bf16_conv2d_grad_values(const Bf16Kernel& k, const at::Tensor& dy, co
   const int64_t pairs = (p.buf.size(0) - 1) / 2;
   at::Tensor even = p.buf.narrow(0, 0, 2 * pairs).view({pairs, 2, cp}).permute({0, 2, 1}).contiguous();
   at::Tensor odd = p.buf.narrow(0, 1, 2 * pairs).view({pairs, 2, cp}).permute({0, 2, 1}).contiguous();
-  const int64_t lda = kpad * 2, ldb = cp * 4;
-  std::vector<Bf16Term> terms;
-  for (int64_t t = 0; t < kpad / kBf16K; ++t) terms.push_back({t * kBf16K * 2, t * kBf16K / 2 * ldb});
-  std::vector<int64_t> block_row(nnzb);
-  const int32_t *rp = row_ptr.data_ptr<int32_t>(), *ci = col_idx.data_ptr<int32_t>(), *sl = slot.data_ptr<int32_t>();
-  for (int64_t r = 0; r < R; ++r)
-    for (int32_t e = rp[r]; e < rp[r + 1]; ++e) block_row[e] = r;
-  at::Tensor dv = at::empty({nnzb, bo, bi}, x.options());
-  uint16_t* dvp = static_cast<uint16_t*>(dv.data_ptr());
-  const int64_t og = bo / kBf16Cols, ig = bi / kBf16Cols;
-  bf16_blocks(k, nnzb * og * ig, [&](int64_t item, Bf16Block& b, uint16_t** out_rows) {
-    const int64_t e = item / (og * ig), o = item / ig % og, i = item % ig;
-    const int64_t tap = ci[e] / bpt, cb = ci[e] % bpt;
-    const int64_t off = p.pixel(tap / g.kw * g.dh, tap % g.kw * g.dw, 1);
-    b.row_tiles = 2;
-    b.a = bytes(dyt) + (block_row[e] * bo + o * kBf16Cols) * lda;
-    b.lda = lda;
-    b.b = bytes(off % 2 ? odd : even) + off / 2 * ldb + (cb * bi + i * kBf16Cols) * 4;
-    b.ldb = ldb;
-    b.b_half = 16 * 4;
-    b.terms = terms.data();
-    b.nterms = int64_t(terms.size());
-    b.cols = kBf16Cols;
-    for (int t = 0; t < kTile; ++t) out_rows[t] = dvp + (sl[e] * bo + o * kBf16Cols + t) * bi + i * kBf16Cols;
-  });
-  return dv;
+  const int32_t* ci = col_idx.data_ptr<int32_t>();
+  return bf16_grad_values(k, bytes(dyt), kpad * 2, cp * 4, kpad / kBf16K, row_ptr, slot, bo, bi, x.options(),
+                          [&](int64_t e) {
+                            const int64_t tap = ci[e] / bpt, cb = ci[e] % bpt;
+                            const int64_t off = p.pixel(tap / g.kw * g.dh, tap % g.kw * g.dw, 1);
+                            return bytes(off % 2 ? odd : even) + off / 2 * cp * 4 + cb * bi * 4;
+                          });
 }
 
 }  // namespace ftk_cpu

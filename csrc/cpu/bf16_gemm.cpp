@@ -58,6 +58,36 @@ void bf16_blocks(const Bf16Kernel& k, int64_t n, Bf16Fill fill) {
   });
 }
 
+at::Tensor bf16_grad_values(const Bf16Kernel& k, const uint8_t* a, int64_t lda, int64_t ldb, int64_t steps,
+                            const at::Tensor& row_ptr, const at::Tensor& slot, int64_t bo, int64_t bi,
+                            const at::TensorOptions& options, Bf16BlockB b_of) {
+  const int64_t nnzb = slot.numel(), R = row_ptr.numel() - 1;
+  std::vector<Bf16Term> terms;  // every block reduces over the same steps
+  for (int64_t t = 0; t < steps; ++t) terms.push_back({t * kBf16K * 2, t * kBf16K / 2 * ldb});
+  std::vector<int64_t> block_row(static_cast<size_t>(nnzb));
+  const int32_t *rp = row_ptr.data_ptr<int32_t>(), *sl = slot.data_ptr<int32_t>();
+  for (int64_t r = 0; r < R; ++r)
+    for (int32_t e = rp[r]; e < rp[r + 1]; ++e) block_row[size_t(e)] = r;
+  at::Tensor dv = at::empty({nnzb, bo, bi}, options);
+  uint16_t* dvp = static_cast<uint16_t*>(dv.data_ptr());
+  const int64_t og = bo / kBf16Cols, ig = bi / kBf16Cols;
+  bf16_blocks(k, nnzb * og * ig, [&](int64_t item, Bf16Block& b, uint16_t** out_rows) {
+    const int64_t e = item / (og * ig), o = item / ig % og, i = item % ig;
+    b.row_tiles = 2;
+    b.a = a + (block_row[size_t(e)] * bo + o * kBf16Cols) * lda;
+    b.lda = lda;
+    b.b = b_of(e) + i * kBf16Cols * 4;
+    b.ldb = ldb;
+    b.b_half = 16 * 4;
+    b.terms = terms.data();
+    b.nterms = int64_t(terms.size());
+    b.cols = kBf16Cols;
+    for (int t = 0; t < 2 * kBf16TileRows; ++t)
+      out_rows[t] = dvp + (sl[e] * bo + o * kBf16Cols + t) * bi + i * kBf16Cols;
+  });
+  return dv;
+}
+
 void bf16_gemm(const Bf16Kernel& k, const Bf16Gemm& g, Bf16OutRow out_row) {
   constexpr int64_t kTile = 2 * kBf16TileRows;
   const int64_t tiles = cdiv(g.rows, kTile), chunks = int64_t(g.chunk_col.size());

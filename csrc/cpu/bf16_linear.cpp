@@ -83,7 +83,6 @@ at::Tensor bf16_linear_grad_values(const Bf16Kernel& k, const at::Tensor& dy, co
   const int64_t nnzb = col_idx.numel(), R = row_ptr.numel() - 1, C = cdiv(in, bi);
   check_indices(row_ptr, col_idx, slot, C, nnzb, "BSR");
   TORCH_CHECK(R == cdiv(out, bo), "freetickets_cpu: row_ptr does not match grad_out's features");
-  at::Tensor dv = at::empty({nnzb, bo, bi}, x.options());
   // The reduction runs over tokens: A = dy^T (features x tokens), B = x in
   // VNNI pairs of tokens ([tokens / 2][features][2]); both zero-padded to
   // whole blocks and 32 tokens, so padding contributes nothing.
@@ -93,30 +92,9 @@ at::Tensor bf16_linear_grad_values(const Bf16Kernel& k, const at::Tensor& dy, co
   at::Tensor xp = at::zeros({np, C * bi}, x.options());
   xp.narrow(0, 0, n).narrow(1, 0, in).copy_(x);
   const at::Tensor xv = xp.view({np / 2, 2, C * bi}).permute({0, 2, 1}).contiguous();
-  const int64_t lda = np * 2, ldb = C * bi * 4;
-  std::vector<Bf16Term> terms;
-  for (int64_t t = 0; t < np / kBf16K; ++t) terms.push_back({t * kBf16K * 2, t * kBf16K / 2 * ldb});
-  std::vector<int64_t> block_row(nnzb);
-  const int32_t *rp = row_ptr.data_ptr<int32_t>(), *ci = col_idx.data_ptr<int32_t>(), *sl = slot.data_ptr<int32_t>();
-  for (int64_t r = 0; r < R; ++r)
-    for (int32_t e = rp[r]; e < rp[r + 1]; ++e) block_row[e] = r;
-  const int64_t og = bo / kBf16Cols, ig = bi / kBf16Cols;
-  uint16_t* dvp = static_cast<uint16_t*>(dv.data_ptr());
-  bf16_blocks(k, nnzb * og * ig, [&](int64_t item, Bf16Block& b, uint16_t** out_rows) {
-    const int64_t e = item / (og * ig), o = item / ig % og, i = item % ig;
-    b.row_tiles = 2;
-    b.a = bytes(dyt) + (block_row[e] * bo + o * kBf16Cols) * lda;
-    b.lda = lda;
-    b.b = bytes(xv) + (ci[e] * bi + i * kBf16Cols) * 4;
-    b.ldb = ldb;
-    b.b_half = 16 * 4;
-    b.terms = terms.data();
-    b.nterms = int64_t(terms.size());
-    b.cols = kBf16Cols;
-    for (int t = 0; t < 2 * kBf16TileRows; ++t)
-      out_rows[t] = dvp + (sl[e] * bo + o * kBf16Cols + t) * bi + i * kBf16Cols;
-  });
-  return dv;
+  const int32_t* ci = col_idx.data_ptr<int32_t>();
+  return bf16_grad_values(k, bytes(dyt), np * 2, C * bi * 4, np / kBf16K, row_ptr, slot, bo, bi, x.options(),
+                          [&](int64_t e) { return bytes(xv) + ci[e] * bi * 4; });
 }
 
 }  // namespace ftk_cpu
