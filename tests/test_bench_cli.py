@@ -54,3 +54,20 @@ def test_interleaved_timing_calls_each_function_in_turn(monkeypatch):
     assert medians == [1.0, 2.0, 3.0]
     with pytest.raises(ValueError, match="repeats"):
         timing.interleaved_median_seconds([make(0)], repeats=0)
+
+
+def test_model_timings_run_under_bf16_autocast():
+    # --precision bf16 times the forward under CPU bf16 autocast: the model's output is bf16
+    import torch
+
+    from freetickets_kernels.app.bench import models
+
+    seen = []
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    net.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
+    x, y = torch.randn(2, 3, 2, 2), torch.tensor([0, 2])
+    models._timings([net], x, y, repeats=1, update_interval=1, precision="bf16")
+    assert seen and set(seen) == {torch.bfloat16}
+    seen.clear()
+    models._timings([net], x, y, repeats=1, update_interval=1)
+    assert set(seen) == {torch.float32}

@@ -15,6 +15,7 @@ models, against the dense model measured in the same run; our FLOPs beside
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import io
 import itertools
@@ -66,16 +67,24 @@ def _counter_gflops(model: nn.Module, x: torch.Tensor) -> float:
     return counter.get_total_flops() / 1e9
 
 
+def _precision(precision: str):
+    """The forward's context: bf16 autocast (fp32 master weights, as ``freetickets train --precision bf16``)."""
+    if precision == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def _timings(models: List[nn.Module], x: torch.Tensor, y: torch.Tensor, repeats: int,
-             update_interval: int) -> Dict[str, float]:
+             update_interval: int, precision: str = "fp32") -> Dict[str, float]:
     """Inference (all ``models`` one after another) and a training step of each, amortised DST update included."""
     for m in models:
         m.eval()
 
     @torch.inference_mode()
     def infer():
-        for m in models:
-            m(x)
+        with _precision(precision):
+            for m in models:
+                m(x)
 
     out = {"infer": median_seconds(infer, repeats)}
     step_total = 0.0
@@ -89,7 +98,9 @@ def _timings(models: List[nn.Module], x: torch.Tensor, y: torch.Tensor, repeats:
 
         def step(m=m, opt=opt):
             opt.zero_grad(set_to_none=True)
-            F.cross_entropy(m(x), y).backward()
+            with _precision(precision):
+                loss = F.cross_entropy(m(x), y)
+            loss.backward()
             opt.step()
 
         step_s = median_seconds(step, repeats, warmup=1)
@@ -140,8 +151,9 @@ def _dense_case(name: str, args: argparse.Namespace) -> Tuple[_DenseCase, dict]:
     y = torch.randint(0, classes, (args.batch_size,), generator=g)
     torch.manual_seed(0)
     dense = _build(name)
-    timings = _timings([dense], x, y, args.repeats, args.update_interval)
-    case = _DenseCase(name, {"model": name, "image": size, "batch": args.batch_size}, x, y, dense, timings,
+    timings = _timings([dense], x, y, args.repeats, args.update_interval, args.precision)
+    case = _DenseCase(name, {"model": name, "image": size, "batch": args.batch_size, "precision": args.precision},
+                      x, y, dense, timings,
                       count_flops(dense, x).forward)
     return case, _row(case, [dense], "dense", "-", 1.0, timings, case.forward_flops, args)
 
@@ -156,7 +168,8 @@ def _sparse_rows(case: _DenseCase, block: int, density: float, args: argparse.Na
         members.append(member)
     forward_flops = count_flops(members[0], case.x).forward
     return [_row(case, group, kind, block, density, _timings(group, case.x, case.y, args.repeats,
-                                                             args.update_interval), forward_flops, args)
+                                                             args.update_interval, args.precision),
+                 forward_flops, args)
             for kind, group in (("sparse", members[:1]), (f"ensemble x{args.members}", members))]
 
 
@@ -221,6 +234,8 @@ def add_arguments(parser: argparse.ArgumentParser, out_default: str) -> None:
     parser.add_argument("--image-size", type=int, help="default: 224 for ResNets, 32 for WRN")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement; the median is kept")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="bf16: every model (dense and sparse) under torch.autocast('cpu', bfloat16)")
     parser.add_argument("--update-interval", type=int, default=100,
                         help="DST update amortised over this many training steps (default 100)")
     parser.add_argument("--quick", action="store_true",
@@ -265,7 +280,8 @@ def run(args: argparse.Namespace) -> int:
             rows += _sparse_rows(cases[name], *config, args)
     name = args.name or ("models_quick" if args.quick else "models")
     lines = headline(rows, args.members)
-    notes = (f"float32, {args.threads} threads, batch {args.batch_size}, median of {args.repeats}; ERK densities; "
+    precision = "float32" if args.precision == "fp32" else "bf16 autocast (fp32 master weights)"
+    notes = (f"{precision}, {args.threads} threads, batch {args.batch_size}, median of {args.repeats}; ERK densities; "
              f"train step = forward + backward + SGD step + one RigL update / {args.update_interval} steps; "
              "ideal = dense FLOPs / sparse FLOPs (ours); gflops_counter = torch FlopCounterMode on the same "
              "forward.\n\n" + "\n".join(f"- {line}" for line in lines))
