@@ -23,12 +23,33 @@ def test_train_smoke(tmp_path, capsys):
                                                                      "edst ensemble"]
     ens = results["rows"][-1]
     assert 0 < ens["train_flops_x_dense"] < 1 and 0 < ens["inference_flops_x_dense"] < 2
+    # measured training time: the whole run's, and one epoch's, for the dense baseline and the ensemble
+    assert ens["train_s"] == results["train_seconds"]["ensemble"] > 0
+    assert results["rows"][0]["train_s"] == results["train_seconds"]["dense"] > 0
+    assert ens["train_s_x_dense"] == pytest.approx(ens["train_s"] / results["rows"][0]["train_s"])
+    assert results["epoch_seconds"]["ensemble"] == pytest.approx(ens["train_s"] / 3)
+    assert "one epoch: dense" in out
     assert (tmp_path / "summary.md").read_text().startswith("# freetickets train")
     assert (tmp_path / "reliability.png").read_bytes()[:4] == b"\x89PNG"
     # a second run into the same directory is refused; --resume finds it complete
     assert main(TINY + ["--out", str(tmp_path)]) == 2
     assert "--resume" in capsys.readouterr().err
     assert main(TINY + ["--out", str(tmp_path), "--resume"]) == 0
+
+
+def test_dense_ensemble_baseline(tmp_path, capsys):
+    # M independent dense runs: the deep-ensemble baseline, each member paying its own share
+    assert main(TINY + ["--method", "dense-ensemble", "--out", str(tmp_path)]) == 0
+    assert "dense-ensemble ensemble (M=2)" in capsys.readouterr().out
+    results = json.loads((tmp_path / "results.json").read_text())
+    dense, first, second, ens = results["rows"]
+    assert ens["train_flops_x_dense"] == pytest.approx(2.0)
+    assert first["train_flops"] == second["train_flops"] == pytest.approx(dense["train_flops"])
+    assert ens["params"] == 2 * dense["params"] and ens["inference_flops_x_dense"] == pytest.approx(2.0)
+    assert results["counters"]["ensemble"]["updates"] == 0  # no DST: dense models
+    # the first member is the baseline's twin: same seed, same batches
+    assert first["accuracy"] == dense["accuracy"] and first["nll"] == pytest.approx(dense["nll"])
+    assert second["nll"] != dense["nll"]  # the second one is another seed
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
@@ -77,7 +98,8 @@ def test_train_help_teaches(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     text = capsys.readouterr().out
-    for text_piece in ("--resume", "--method", "edst", "digits", "torchrun", "reliability.png"):
+    for text_piece in ("--resume", "--method", "edst", "dense-ensemble", "digits", "mlp", "torchrun",
+                       "reliability.png"):
         assert text_piece in text
 
 
@@ -92,10 +114,12 @@ def test_train_help_defaults_come_from_the_presets(capsys):
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines wherever it likes
     options = text[text.index("what to train:"):text.index("examples:")]
     for flag, key in (("--epochs", "epochs"), ("--explore-epochs", "explore_epochs"),
-                      ("--batch-size", "batch_size"), ("--update-interval", "update_interval")):
-        help_text = re.search(rf"{flag} [A-Z_]+ (.*?)(?= --|$)", options).group(1)
+                      ("--batch-size", "batch_size"), ("--update-interval", "update_interval"),
+                      ("--model", "model")):
+        help_text = re.search(rf"{flag} (?:[A-Z_]+|{{[^}}]*}}) (.*?)(?= --|$)", options).group(1)
         default = re.search(r"\(default ([^()]*)\)", help_text).group(1)
-        shown = {dataset: int(value) for value, datasets in re.findall(r"(\d+) on ([a-z0-9, ]+)", default)
+        shown = {dataset: value if key == "model" else int(value)
+                 for value, datasets in re.findall(r"([a-z0-9-]+) on ([a-z0-9, ]+)", default)
                  for dataset in datasets.replace(",", " ").split()}
         assert shown == {dataset: preset[key] for dataset, preset in PRESETS.items()}, (flag, help_text)
     for flag, names in (("--distribution", DISTRIBUTIONS), ("--growth", GROWTH)):

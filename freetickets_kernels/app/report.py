@@ -23,16 +23,23 @@ from .results import markdown_table, write_text_atomic
 from .timing import inference_latency
 from .training import PlanRunner, RunResult, precision_context
 
-COLUMNS = ["model", "accuracy", "nll", "ece", "train_flops", "train_flops_x_dense", "inference_flops",
-           "inference_flops_x_dense", "params", "latency_ms", "latency_x_dense"]
-HEADINGS = ["model", "acc", "NLL", "ECE", "train FLOPs", "(x dense)", "infer FLOPs/sample", "(x dense)",
-            "params", "latency ms", "(x dense)"]
-RATIOS = {"train_flops": "train_flops_x_dense", "inference_flops": "inference_flops_x_dense",
-          "latency_ms": "latency_x_dense"}
+COLUMNS = ["model", "accuracy", "nll", "ece", "train_flops", "train_flops_x_dense", "train_s", "train_s_x_dense",
+           "inference_flops", "inference_flops_x_dense", "params", "latency_ms", "latency_x_dense"]
+HEADINGS = ["model", "acc", "NLL", "ECE", "train FLOPs", "(x dense)", "train s", "(x dense)", "infer FLOPs/sample",
+            "(x dense)", "params", "latency ms", "(x dense)"]
+RATIOS = {"train_flops": "train_flops_x_dense", "train_s": "train_s_x_dense",
+          "inference_flops": "inference_flops_x_dense", "latency_ms": "latency_x_dense"}
+# methods whose members are independent runs: each member paid its own share of the cost
+INDEPENDENT = ("dst", "dense-ensemble")
 
 
 def _ratio(value: Optional[float], dense: Optional[float]) -> Optional[float]:
     return None if value is None or not dense else value / dense
+
+
+def _per_epoch(run: RunResult) -> Optional[float]:
+    """Mean wall-clock seconds of one training epoch (with its validation pass) of ``run``."""
+    return run.seconds / len(run.history) if run.history else None
 
 
 def summarize(ensemble: RunResult, ensemble_runner: PlanRunner, test: Dataset, example: torch.Tensor,
@@ -65,7 +72,7 @@ def summarize(ensemble: RunResult, ensemble_runner: PlanRunner, test: Dataset, e
         dense_flops = count_flops(dense_model, example)
         timed = {"dense": [dense_model], **timed}
         dense_row = {"model": "dense", **dense_metrics,
-                     "train_flops": dense_flops.training(dense.counters["samples"]),
+                     "train_flops": dense_flops.training(dense.counters["samples"]), "train_s": dense.seconds,
                      "inference_flops": dense_flops.forward, **parameter_count(dense_model)}
     with in_precision():
         latency = inference_latency(timed, example.to(device), repeats=latency_repeats)
@@ -74,11 +81,12 @@ def summarize(ensemble: RunResult, ensemble_runner: PlanRunner, test: Dataset, e
     for i, (f, p) in enumerate(zip(flops, params)):
         row = {"model": f"member {i + 1} ({ensemble.members[i]['name']}, epoch {ensemble.members[i]['epoch']})",
                **single_metrics(logits[i], targets), "inference_flops": f.forward, **p}
-        if method == "dst":  # independent runs: each member paid its own share
+        if method in INDEPENDENT:  # independent runs: each member paid its own share
             row["train_flops"] = train_flops / m
+            row["train_s"] = ensemble.seconds / m
         rows.append(row)
     rows.append({"model": f"{method} ensemble (M={m})", "accuracy": metrics["accuracy"], "nll": metrics["nll"],
-                 "ece": metrics["ece"], "train_flops": train_flops,
+                 "ece": metrics["ece"], "train_flops": train_flops, "train_s": ensemble.seconds,
                  "inference_flops": sum(f.forward for f in flops),
                  "params": sum(p["params"] for p in params),
                  "dense_params": sum(p["dense_params"] for p in params)})
@@ -94,6 +102,7 @@ def summarize(ensemble: RunResult, ensemble_runner: PlanRunner, test: Dataset, e
         "calibration": calibration, "counters": {"ensemble": ensemble.counters,
                                                  "dense": dense.counters if dense else None},
         "train_seconds": {"ensemble": ensemble.seconds, "dense": dense.seconds if dense else None},
+        "epoch_seconds": {"ensemble": _per_epoch(ensemble), "dense": _per_epoch(dense) if dense else None},
         "latency_batch": list(example.shape), "machine": machine_info(),
     }
 
@@ -110,6 +119,8 @@ def format_table(summary: Dict[str, object]) -> str:
             return f"{v:.3g}"
         if col == "latency_ms":
             return f"{v:.2f}"
+        if col == "train_s":
+            return f"{v:.1f}"
         return str(v)
 
     cells = [[fmt(r.get(c), c) for c in COLUMNS] for r in summary["rows"]]
@@ -120,6 +131,13 @@ def format_table(summary: Dict[str, object]) -> str:
     out.append(f"members disagree on {div['disagreement']:.2%} of test samples; mean pairwise KL {div['kl']:.4f}")
     out.append(f"latency: one batch of {summary['latency_batch'][0]} samples, median of repeats, this machine; "
                f"precision {summary['config'].get('precision', 'fp32')}")
+    out.append("train s: measured wall-clock of the whole training (every epoch and its validation pass), "
+               "this machine, one run after the other")
+    per_epoch = summary.get("epoch_seconds") or {}
+    if per_epoch.get("dense") and per_epoch.get("ensemble"):
+        ratio = per_epoch["dense"] / per_epoch["ensemble"]
+        out.append(f"one epoch: dense {per_epoch['dense']:.2f} s, {summary['method']} {per_epoch['ensemble']:.2f} s "
+                   f"({ratio:.2f}x {'faster' if ratio >= 1 else 'slower'} than dense)")
     return "\n".join(out)
 
 

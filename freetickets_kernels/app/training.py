@@ -35,7 +35,9 @@ from ..nn.sparsify import sparsify
 from . import checkpoint
 from .progress import Progress
 
-METHODS = ("dense", "dst", "edst")
+# dense: one dense model; dense-ensemble: M independent dense models (the deep-ensemble baseline);
+# dst: M independent sparse runs (DST Ensemble); edst: one sparse run, M members (EDST Ensemble)
+METHODS = ("dense", "dense-ensemble", "dst", "edst")
 # --precision: the autocast dtype of training and evaluation (fp32: no autocast);
 # fp16 also scales the loss (torch.amp.GradScaler) and skips the DST update of
 # a step whose gradients overflowed
@@ -101,12 +103,12 @@ class TrainConfig:
 
     @property
     def sparse(self) -> bool:
-        return self.method != "dense"
+        return self.method in ("dst", "edst")
 
     def plan(self) -> List[Phase]:
         if self.method == "dense":
             return dense_plan(self.epochs, self.lr, self.seed)
-        if self.method == "dst":
+        if self.method in ("dst", "dense-ensemble"):
             return dst_ensemble_plan(self.epochs, self.members, self.lr, self.seed)
         return edst_plan(self.epochs, self.explore_epochs, self.members, explore_lr=self.lr,
                          refine_lr=self.lr / 10, final_lr=self.lr / 100, seed=self.seed)

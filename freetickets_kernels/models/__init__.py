@@ -6,14 +6,15 @@ from typing import Callable, Dict
 
 from torch import nn
 
+from .mlp import MLP
 from .small_resnet import SmallResNet
 from .wide_resnet import WideResNet, wrn28_10
 
-__all__ = ["SmallResNet", "WideResNet", "wrn28_10", "MODELS", "build_model"]
+__all__ = ["MLP", "SmallResNet", "WideResNet", "wrn28_10", "MODELS", "build_model"]
 
 
-def _torchvision(name: str) -> Callable[[int, int], nn.Module]:
-    def build(num_classes: int, in_channels: int) -> nn.Module:
+def _torchvision(name: str) -> Callable[[int, int, int], nn.Module]:
+    def build(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
         import torchvision
 
         model = getattr(torchvision.models, name)(num_classes=num_classes)
@@ -23,17 +24,19 @@ def _torchvision(name: str) -> Callable[[int, int], nn.Module]:
     return build
 
 
-def _wrn(depth: int, widen: int) -> Callable[[int, int], nn.Module]:
-    def build(num_classes: int, in_channels: int) -> nn.Module:
+def _wrn(depth: int, widen: int) -> Callable[[int, int, int], nn.Module]:
+    def build(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
         if in_channels != 3:
-            raise ValueError("the Wide ResNets take 3-channel 32x32 images (CIFAR)")
+            raise ValueError("the Wide ResNets take 3-channel images (CIFAR)")
         return WideResNet(depth, widen, num_classes)
     return build
 
 
-MODELS: Dict[str, Callable[[int, int], nn.Module]] = {
-    "small-resnet": lambda num_classes, in_channels: SmallResNet(num_classes, in_channels, width=64, blocks=2),
-    "tiny-resnet": lambda num_classes, in_channels: SmallResNet(num_classes, in_channels, width=16, blocks=1),
+# each builder takes (num_classes, in_channels, image_size)
+MODELS: Dict[str, Callable[[int, int, int], nn.Module]] = {
+    "mlp": lambda classes, channels, size: MLP(channels * size * size, classes),
+    "small-resnet": lambda classes, channels, size: SmallResNet(classes, channels, width=64, blocks=2),
+    "tiny-resnet": lambda classes, channels, size: SmallResNet(classes, channels, width=16, blocks=1),
     "wrn-16-8": _wrn(16, 8),
     "wrn-28-10": _wrn(28, 10),
     "resnet18": _torchvision("resnet18"),
@@ -41,8 +44,8 @@ MODELS: Dict[str, Callable[[int, int], nn.Module]] = {
 }
 
 
-def build_model(name: str, num_classes: int, in_channels: int) -> nn.Module:
-    """A fresh model by name (one of ``MODELS``)."""
+def build_model(name: str, num_classes: int, in_channels: int, image_size: int = 8) -> nn.Module:
+    """A fresh model by name (one of ``MODELS``) for ``in_channels`` x ``image_size`` x ``image_size`` inputs."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
-    return MODELS[name](num_classes, in_channels)
+    return MODELS[name](num_classes, in_channels, image_size)

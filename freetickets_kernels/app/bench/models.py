@@ -50,8 +50,8 @@ COLUMNS = ["model", "block", "density", "kind", "infer_ms", "infer_speedup", "tr
 def _build(name: str) -> nn.Module:
     from ...models import build_model
 
-    builder, _, classes = MODEL_SPECS[name]
-    return build_model(builder, classes, 3)
+    builder, size, classes = MODEL_SPECS[name]
+    return build_model(builder, classes, 3, size)
 
 
 def _checkpoint_mb(model: nn.Module) -> float:
