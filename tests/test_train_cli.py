@@ -124,3 +124,42 @@ def test_train_help_defaults_come_from_the_presets(capsys):
         assert shown == {dataset: preset[key] for dataset, preset in PRESETS.items()}, (flag, help_text)
     for flag, names in (("--distribution", DISTRIBUTIONS), ("--growth", GROWTH)):
         assert f"{flag} {{{','.join(names)}}}" in options
+
+
+def test_shifted_sets_and_seeds(tmp_path, capsys):
+    # the corrupted sets and the OoD set of the digits, in the table and results.json; two training seeds
+    # give one table of means with their spread, and each seed its own run directory
+    assert main(TINY + ["--seeds", "2", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    for text in ("C-acc", "OoD AUROC", "8 corruptions x 5 severities", "mean ± std over 2 training seeds"):
+        assert text in out
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["seeds"] == [0, 1000] and len(results["per_seed"]) == 2
+    assert results["shift"]["ood"] == "patches" and len(results["shift"]["corrupted_sets"]) == 40
+    for i, row in enumerate(results["rows"]):
+        values = [s["rows"][i]["c_accuracy"] for s in results["per_seed"]]
+        assert row["c_accuracy"] == pytest.approx(sum(values) / 2)
+        assert row["c_accuracy_std"] == pytest.approx(abs(values[0] - values[1]) / 2 ** 0.5)
+        assert 0 <= row["auroc_msp"] <= 1 and sorted(row["by_severity"]) == ["1", "2", "3", "4", "5"]
+    assert (tmp_path / "seed-1000" / "edst" / "checkpoint.pt").exists()
+    assert (tmp_path / "robustness.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_imagefolder_end_to_end(tmp_path, capsys):
+    # a user's own images: class subfolders, resized, with the corrupted sets built from its test split
+    from PIL import Image
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(("cats", "dogs")):
+        (tmp_path / "images" / name).mkdir(parents=True)
+        for i in range(15):
+            pixels = (rng.random((20, 24, 3)) * 100 + 120 * c).astype("uint8")
+            Image.fromarray(pixels).save(tmp_path / "images" / name / f"{i}.png")
+    args = TINY + ["--dataset", "imagefolder", "--data-dir", str(tmp_path / "images"), "--image-size", "8",
+                   "--batch-size", "8", "--out", str(tmp_path / "run")]
+    assert main(args) == 0
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert all(0 <= r["c_accuracy"] <= 1 for r in results["rows"])
+    assert _exit_code(TINY + ["--image-size", "8", "--out", str(tmp_path / "x")]) == 2
+    assert "--image-size applies to --dataset imagefolder only" in capsys.readouterr().err

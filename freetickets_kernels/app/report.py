@@ -20,13 +20,16 @@ from ..flops import count_flops, parameter_count
 from .checkpoint import remove_stale_temporaries
 from .machine import machine_info
 from .results import markdown_table, write_text_atomic
+from .shift_eval import ShiftSets, evaluate_shift
 from .timing import inference_latency
 from .training import PlanRunner, RunResult, precision_context
 
-COLUMNS = ["model", "accuracy", "nll", "ece", "train_flops", "train_flops_x_dense", "train_s", "train_s_x_dense",
-           "inference_flops", "inference_flops_x_dense", "params", "latency_ms", "latency_x_dense"]
-HEADINGS = ["model", "acc", "NLL", "ECE", "train FLOPs", "(x dense)", "train s", "(x dense)", "infer FLOPs/sample",
-            "(x dense)", "params", "latency ms", "(x dense)"]
+# two tables: what the models predict (clean test set, corrupted sets, OoD detection), and what they cost
+QUALITY = {"model": "model", "accuracy": "acc", "nll": "NLL", "ece": "ECE", "c_accuracy": "C-acc",
+           "c_nll": "C-NLL", "c_ece": "C-ECE", "auroc_msp": "OoD AUROC (MSP)", "auroc_entropy": "(entropy)"}
+COST = {"model": "model", "train_flops": "train FLOPs", "train_flops_x_dense": "(x dense)", "train_s": "train s",
+        "train_s_x_dense": "(x dense)", "inference_flops": "infer FLOPs/sample", "inference_flops_x_dense": "(x dense)",
+        "params": "params", "latency_ms": "latency ms", "latency_x_dense": "(x dense)"}
 RATIOS = {"train_flops": "train_flops_x_dense", "train_s": "train_s_x_dense",
           "inference_flops": "inference_flops_x_dense", "latency_ms": "latency_x_dense"}
 # methods whose members are independent runs: each member paid its own share of the cost
@@ -44,15 +47,17 @@ def _per_epoch(run: RunResult) -> Optional[float]:
 
 def summarize(ensemble: RunResult, ensemble_runner: PlanRunner, test: Dataset, example: torch.Tensor,
               dense: Optional[RunResult] = None, dense_runner: Optional[PlanRunner] = None,
-              latency_repeats: int = 20) -> Dict[str, object]:
-    """Evaluate the members (and the dense baseline) on ``test``; count FLOPs and time inference
-    on ``example`` (one batch)."""
+              latency_repeats: int = 20, shift: Optional[ShiftSets] = None) -> Dict[str, object]:
+    """Evaluate the members (and the dense baseline) on ``test`` and on the ``shift`` sets; count FLOPs
+    and time inference on ``example`` (one batch)."""
+    shift = shift or ShiftSets()
     device = ensemble_runner.device
     batch = ensemble_runner.config.batch_size
     members = [ensemble_runner.member_model(m) for m in ensemble.members]
     in_precision = lambda: precision_context(device, ensemble.config.precision)  # noqa: E731
     with in_precision():
         logits, targets = member_logits(members, test, batch, device)
+        shifted = evaluate_shift(members, shift, logits, batch, device)
     metrics = ensemble_metrics(logits, targets)
     flops = [count_flops(m, example) for m in members]
     params = [parameter_count(m) for m in members]
@@ -67,7 +72,8 @@ def summarize(ensemble: RunResult, ensemble_runner: PlanRunner, test: Dataset, e
         dense_model = dense_runner.member_model(dense.members[0])
         with in_precision():
             dense_logits, _ = member_logits([dense_model], test, batch, device)
-        dense_metrics = single_metrics(dense_logits[0], targets)
+            dense_shifted = evaluate_shift([dense_model], shift, dense_logits, batch, device)[0]
+        dense_metrics = {**single_metrics(dense_logits[0], targets), **dense_shifted}
         calibration["dense"] = calibration_bins(dense_logits[0].double().softmax(-1), targets)
         dense_flops = count_flops(dense_model, example)
         timed = {"dense": [dense_model], **timed}
@@ -80,13 +86,13 @@ def summarize(ensemble: RunResult, ensemble_runner: PlanRunner, test: Dataset, e
         rows.append(dense_row)
     for i, (f, p) in enumerate(zip(flops, params)):
         row = {"model": f"member {i + 1} ({ensemble.members[i]['name']}, epoch {ensemble.members[i]['epoch']})",
-               **single_metrics(logits[i], targets), "inference_flops": f.forward, **p}
+               **single_metrics(logits[i], targets), **shifted[i], "inference_flops": f.forward, **p}
         if method in INDEPENDENT:  # independent runs: each member paid its own share
             row["train_flops"] = train_flops / m
             row["train_s"] = ensemble.seconds / m
         rows.append(row)
     rows.append({"model": f"{method} ensemble (M={m})", "accuracy": metrics["accuracy"], "nll": metrics["nll"],
-                 "ece": metrics["ece"], "train_flops": train_flops, "train_s": ensemble.seconds,
+                 "ece": metrics["ece"], **shifted[-1], "train_flops": train_flops, "train_s": ensemble.seconds,
                  "inference_flops": sum(f.forward for f in flops),
                  "params": sum(p["params"] for p in params),
                  "dense_params": sum(p["dense_params"] for p in params)})
@@ -104,31 +110,59 @@ def summarize(ensemble: RunResult, ensemble_runner: PlanRunner, test: Dataset, e
         "train_seconds": {"ensemble": ensemble.seconds, "dense": dense.seconds if dense else None},
         "epoch_seconds": {"ensemble": _per_epoch(ensemble), "dense": _per_epoch(dense) if dense else None},
         "latency_batch": list(example.shape), "machine": machine_info(),
+        "shift": {"corrupted_sets": [[c, sev, len(d)] for c, sev, d in shift.corrupted], "ood": shift.ood_name,
+                  "ood_samples": len(shift.ood) if shift.ood is not None else 0},
     }
 
 
-def format_table(summary: Dict[str, object]) -> str:
-    def fmt(v, col):
-        if v is None:
-            return "-"
-        if col in ("accuracy", "nll", "ece"):
-            return f"{v:.4f}"
-        if col.endswith("x_dense"):
-            return f"{v:.2f}x"
-        if col in ("train_flops", "inference_flops"):
-            return f"{v:.3g}"
-        if col == "latency_ms":
-            return f"{v:.2f}"
-        if col == "train_s":
-            return f"{v:.1f}"
-        return str(v)
+def _cell(v, col: str) -> str:
+    if v is None:
+        return "-"
+    if col in ("accuracy", "nll", "ece", "c_accuracy", "c_nll", "c_ece", "auroc_msp", "auroc_entropy"):
+        return f"{v:.4f}"
+    if col.endswith("x_dense"):
+        return f"{v:.2f}x"
+    if col in ("train_flops", "inference_flops"):
+        return f"{v:.3g}"
+    if col == "latency_ms":
+        return f"{v:.2f}"
+    if col == "train_s":
+        return f"{v:.1f}"
+    if col in ("params", "dense_params"):
+        return str(round(v))
+    return str(v)
 
-    cells = [[fmt(r.get(c), c) for c in COLUMNS] for r in summary["rows"]]
-    widths = [max(len(h), *(len(row[i]) for row in cells)) for i, h in enumerate(HEADINGS)]
+
+def _with_spread(row: dict, col: str) -> str:
+    text = _cell(row.get(col), col)
+    spread = row.get(f"{col}_std")
+    return text if not spread or col == "params" else f"{text}±{_cell(spread, col).rstrip('x')}"
+
+
+def _text_table(rows: List[dict], columns: Dict[str, str]) -> List[str]:
+    cells = [[_with_spread(r, c) for c in columns] for r in rows]
+    heads = list(columns.values())
+    widths = [max(len(h), *(len(row[i]) for row in cells)) for i, h in enumerate(heads)]
     line = lambda vals: "  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(vals, widths)))  # noqa: E731
-    div = summary["diversity"]
-    out = [line(HEADINGS), line(["-" * w for w in widths])] + [line(c) for c in cells]
+    return [line(heads), line(["-" * w for w in widths])] + [line(c) for c in cells]
+
+
+def format_table(summary: Dict[str, object]) -> str:
+    rows, div, shift = summary["rows"], summary["diversity"], summary.get("shift") or {}
+    out = _text_table(rows, QUALITY)
+    sets = shift.get("corrupted_sets") or []
+    if sets:
+        names = sorted({c for c, _, _ in sets})
+        out.append(f"C-: mean over {len(sets)} corrupted test sets ({len(names)} corruptions x "
+                   f"{len(sets) // len(names)} severities: {', '.join(names)})")
+    if shift.get("ood"):
+        out.append(f"OoD: clean test set against {shift['ood']} ({shift['ood_samples']} images); "
+                   "AUROC 1 = always told apart, 0.5 = chance")
     out.append(f"members disagree on {div['disagreement']:.2%} of test samples; mean pairwise KL {div['kl']:.4f}")
+    if summary.get("seeds"):
+        out.append(f"mean ± std over {len(summary['seeds'])} training seeds {summary['seeds']} "
+                   "(same data split and shifted sets)")
+    out += [""] + _text_table(rows, COST)
     out.append(f"latency: one batch of {summary['latency_batch'][0]} samples, median of repeats, this machine; "
                f"precision {summary['config'].get('precision', 'fp32')}")
     out.append("train s: measured wall-clock of the whole training (every epoch and its validation pass), "
@@ -161,6 +195,12 @@ def reliability_png(calibration: Dict[str, List[dict]], path: str) -> None:
         ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy", title=name)
         ax.legend(loc="upper left")
     fig.tight_layout()
+    _save_png(fig, path)
+
+
+def _save_png(fig, path: str) -> None:
+    import matplotlib.pyplot as plt
+
     remove_stale_temporaries(path)  # a report killed while plotting
     tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.{os.getpid()}.tmp")
     fig.savefig(tmp, dpi=100, format="png")
@@ -168,16 +208,50 @@ def reliability_png(calibration: Dict[str, List[dict]], path: str) -> None:
     os.replace(tmp, path)
 
 
+def robustness_png(rows: List[dict], path: str) -> None:
+    """Accuracy, NLL and ECE against corruption severity (0 = clean) for the dense model and each
+    ensemble (members thin, dashed): the paper's robustness figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    for row in rows:
+        if not row.get("by_severity"):
+            continue
+        severities = sorted(row["by_severity"], key=int)
+        member = row["model"].startswith("member")
+        for ax, metric in zip(axes, ("accuracy", "nll", "ece")):
+            values = [row[metric]] + [row["by_severity"][s][metric] for s in severities]
+            ax.plot([0] + [int(s) for s in severities], values, marker="" if member else "o",
+                    linestyle="--" if member else "-", linewidth=0.8 if member else 2,
+                    alpha=0.5 if member else 1, label=row["model"].split(" (")[0] if not member else None)
+    for ax, label in zip(axes, ("accuracy", "NLL", "ECE")):
+        ax.set(xlabel="corruption severity (0 = clean)", ylabel=label, title=f"{label} under corruption")
+        ax.grid(alpha=0.3)
+    axes[0].legend(loc="lower left")
+    fig.tight_layout()
+    _save_png(fig, path)
+
+
 def write_outputs(summary: Dict[str, object], out_dir: str) -> Dict[str, str]:
-    """results.json, summary.md and reliability.png under ``out_dir``; returns their paths."""
+    """results.json, summary.md, reliability.png and (with corrupted sets) robustness.png under ``out_dir``;
+    returns their paths."""
     paths = {"json": os.path.join(out_dir, "results.json"), "md": os.path.join(out_dir, "summary.md"),
              "png": os.path.join(out_dir, "reliability.png")}
+    if any(r.get("by_severity") for r in summary["rows"]):
+        paths["robustness"] = os.path.join(out_dir, "robustness.png")
     write_text_atomic(paths["json"], json.dumps(summary, indent=2, default=str))
     info = summary["machine"]
     md = [f"# freetickets train: {summary['method']} ensemble, M={summary['members']}", ""]
     md += [f"- {k}: {v}" for k, v in info.items()]
-    md += ["", "```", format_table(summary), "```", "", markdown_table(summary["rows"], COLUMNS), "",
-           "![reliability diagram](reliability.png)", ""]
+    md += ["", "```", format_table(summary), "```", "", markdown_table(summary["rows"], list(QUALITY)), "",
+           markdown_table(summary["rows"], list(COST)), "", "![reliability diagram](reliability.png)", ""]
+    if "robustness" in paths:
+        md += ["![accuracy, NLL and ECE against corruption severity](robustness.png)", ""]
     write_text_atomic(paths["md"], "\n".join(md))
     reliability_png(summary["calibration"], paths["png"])
+    if "robustness" in paths:
+        robustness_png(summary["rows"], paths["robustness"])
     return paths

@@ -15,6 +15,9 @@ from ..models import MODELS, build_model
 from ..nn.densities import DISTRIBUTION_NAMES, DISTRIBUTIONS
 from .data import DATASETS, load_splits
 from .results import check_out_dir
+from .seeds import aggregate, training_seeds
+from .shift_data import OOD_DATASETS, corrupted_sets, ood_set
+from .shift_eval import ShiftSets
 from .training import METHODS, PRECISIONS, PlanRunner, TrainConfig
 
 # What an unflagged run uses per data set: the digits values keep the default
@@ -28,6 +31,9 @@ PRESETS = {
                 "model": "wrn-28-10", "block_size": [16, 16]},
     "cifar100": {"epochs": 250, "explore_epochs": 100, "batch_size": 128, "update_interval": 1000,
                  "model": "wrn-28-10", "block_size": [16, 16]},
+    # a user's small folder of images: a short run of a small ResNet
+    "imagefolder": {"epochs": 30, "explore_epochs": 15, "batch_size": 32, "update_interval": 25,
+                    "model": "small-resnet", "block_size": [16, 16]},
 }
 DEFAULT_DATASET = "digits"
 # every other default is TrainConfig's, so the command and the Python API cannot drift apart
@@ -144,9 +150,20 @@ def add_parser(sub) -> None:
                         "dense runs (the deep-ensemble baseline); dense: baseline only (default %(default)s)")
     g.add_argument("--model", choices=sorted(MODELS), help=f"(default {preset_default('model')})")
     g.add_argument("--dataset", choices=DATASETS, default=DEFAULT_DATASET, help="default: %(default)s")
-    g.add_argument("--data-dir", default="./data", help="where CIFAR lives (default %(default)s)")
+    g.add_argument("--data-dir", default="./data", help="where CIFAR lives, or the imagefolder's folder (class "
+                   "subfolders, or train/ and test/ holding them) (default %(default)s)")
     g.add_argument("--download", action="store_true", help="download CIFAR into --data-dir if missing")
+    g.add_argument("--image-size", type=_positive, help="imagefolder: resize images to N x N (default 32)")
     g.add_argument("--no-baseline", action="store_true", help="skip the dense baseline")
+    g = p.add_argument_group("distribution shift (evaluated after training)")
+    g.add_argument("--corruptions-dir", help="CIFAR: read the published CIFAR-10-C / CIFAR-100-C .npy files "
+                   "(one per corruption, 5 severities, and labels.npy) from here; without it the corrupted test "
+                   "sets (8 corruptions x 5 severities) are built in code from the test split")
+    g.add_argument("--ood-dataset", choices=OOD_DATASETS,
+                   help="the out-of-distribution set: patches (of scikit-learn's two sample photographs, scaled like "
+                        "the images; default for digits and imagefolder), or svhn / cifar10 / cifar100 "
+                        "(torchvision, fetched with --download; default svhn for CIFAR)")
+    g.add_argument("--no-shift", action="store_true", help="skip the corrupted and OoD evaluation")
     g = p.add_argument_group("sparsity")
     g.add_argument("--density", type=_density, default=DEFAULTS.density,
                    help="kept fraction of the weights (default %(default)s)")
@@ -173,6 +190,9 @@ def add_parser(sub) -> None:
     g.add_argument("--momentum", type=_momentum, default=DEFAULTS.momentum, help="default %(default)s")
     g.add_argument("--weight-decay", type=_non_negative, default=DEFAULTS.weight_decay, help="default %(default)s")
     g.add_argument("--seed", type=int, default=DEFAULTS.seed, help="default %(default)s")
+    g.add_argument("--seeds", type=_positive, default=1,
+                   help="repeat the comparison with N training seeds (--seed, --seed + 1000, ...) and report "
+                        "mean ± std of every column (default %(default)s)")
     g = p.add_argument_group("running")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu or cuda[:N] (default: cuda when available)")
@@ -190,8 +210,8 @@ def add_parser(sub) -> None:
 
 def _check_requirements(dataset: str) -> None:
     missing = []
-    for module, why in (("matplotlib", "the reliability diagram"),
-                        ("sklearn", "the digits data set") if dataset == "digits" else ("torchvision", "CIFAR")):
+    needs = {"digits": ("sklearn", "the digits data set"), "imagefolder": ("torchvision", "ImageFolder")}
+    for module, why in (("matplotlib", "the reliability diagram"), needs.get(dataset, ("torchvision", "CIFAR"))):
         try:
             __import__(module)
         except ImportError:
@@ -229,46 +249,59 @@ def run(args: argparse.Namespace) -> int:
     common = dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
                   weight_decay=args.weight_decay, density=args.density, block_size=args.block_size,
                   distribution=args.distribution, growth=args.growth, update_interval=args.update_interval,
-                  prune_rate=args.prune_rate, explore_fraction=args.explore_fraction, seed=args.seed,
+                  prune_rate=args.prune_rate, explore_fraction=args.explore_fraction,
                   explore_epochs=args.explore_epochs, members=args.members, precision=args.precision)
     # every check before any training: settings, the run directory, the checkpoints to resume
-    ensemble_cfg = TrainConfig(method=args.method, **common)
+    seeds = training_seeds(args.seed, args.seeds)
     with_baseline = args.method != "dense" and not args.no_baseline
-    dense_cfg = TrainConfig(method="dense", **common) if with_baseline else None
+    configs = [(TrainConfig(method=args.method, seed=seed, **common),
+                TrainConfig(method="dense", seed=seed, **common) if with_baseline else None) for seed in seeds]
     if distributed.is_main():
         check_out_dir(out)
     if args.resume and not os.path.isdir(out):
         raise FileNotFoundError(f"--resume: {out} holds no run to continue (no such directory); "
                                 "drop --resume to start a new run there")
-    splits = load_splits(args.dataset, args.data_dir, args.download, seed=args.seed)
+    if args.image_size is not None and args.dataset != "imagefolder":
+        raise ValueError(f"--image-size applies to --dataset imagefolder only ({args.dataset} has a fixed size)")
+    splits = load_splits(args.dataset, args.data_dir, args.download, seed=args.seed, image_size=args.image_size)
+    shift = ShiftSets()
+    if not args.no_shift:  # built (and every file checked) before any training
+        shift.corrupted = corrupted_sets(splits, args.seed, corruptions_dir=args.corruptions_dir)
+        shift.ood_name, shift.ood = ood_set(splits, args.dataset, args.seed, ood_dataset=args.ood_dataset,
+                                            data_dir=args.data_dir, download=args.download)
+    elif args.corruptions_dir or args.ood_dataset:
+        raise ValueError("--no-shift skips the shifted sets: drop --corruptions-dir / --ood-dataset, or --no-shift")
     model_fn = lambda: build_model(args.model, splits.num_classes, splits.in_channels, splits.image_size)  # noqa: E731
     say = print if distributed.is_main() else (lambda *a, **k: None)
 
     def runner(cfg: TrainConfig, sub: str) -> PlanRunner:
-        return PlanRunner(cfg, model_fn, splits.train, splits.val, os.path.join(out, sub), device,
+        where = out if len(seeds) == 1 else os.path.join(out, f"seed-{cfg.seed}")
+        return PlanRunner(cfg, model_fn, splits.train, splits.val, os.path.join(where, sub), device,
                           progress=not args.quiet)
 
     say(f"freetickets train: {args.method} on {args.dataset} ({len(splits.train)} train / {len(splits.val)} val / "
         f"{len(splits.test)} test), model {args.model}, density {args.density}, blocks "
         f"{args.block_size[0]}x{args.block_size[1]}, {args.precision}, {distributed.world_size()} process(es), "
-        f"{device}; "
-        f"run directory {out}")
-    dense = None
-    dense_runner = runner(dense_cfg, "dense") if with_baseline else None
-    ens_runner = runner(ensemble_cfg, args.method)
-    for r in (dense_runner, ens_runner):
-        if r is not None:
-            r.prepare(resume=args.resume)
-    if dense_runner is not None:
-        dense = dense_runner.run(resume=args.resume)
-    ensemble = ens_runner.run(resume=args.resume)
+        f"{device}, training seed(s) {seeds}; run directory {out}; after training: {shift.describe()}")
+    plans = [(runner(ens_cfg, args.method), runner(dense_cfg, "dense") if dense_cfg else None)
+             for ens_cfg, dense_cfg in configs]
+    for pair in plans:
+        for r in pair:
+            if r is not None:
+                r.prepare(resume=args.resume)
+    example = torch.stack([splits.test[i][0] for i in range(min(args.batch_size, len(splits.test)))])
+    summaries = []
+    for ens_runner, dense_runner in plans:
+        dense = dense_runner.run(resume=args.resume) if dense_runner is not None else None
+        ensemble = ens_runner.run(resume=args.resume)
+        if distributed.is_main():
+            summaries.append(summarize(ensemble, ens_runner, splits.test, example, dense, dense_runner,
+                                       latency_repeats=args.latency_repeats, shift=shift))
     if not distributed.is_main():
         return 0
-    example = torch.stack([splits.test[i][0] for i in range(min(args.batch_size, len(splits.test)))])
-    summary = summarize(ensemble, ens_runner, splits.test, example, dense, dense_runner,
-                        latency_repeats=args.latency_repeats)
+    summary = aggregate(summaries, seeds)
     print()
     print(format_table(summary))
     paths = write_outputs(summary, out)
-    print(f"\nwrote {paths['json']}, {paths['md']}, {paths['png']}", file=sys.stderr)
+    print(f"\nwrote {', '.join(paths.values())}", file=sys.stderr)
     return 0
