@@ -1,8 +1,10 @@
-"""The result of ``freetickets train``: one table, and results.json, summary.md, reliability.png.
+"""The result of ``freetickets train``: two tables, and results.json, summary.md, reliability.png,
+robustness.png.
 
-Rows: the dense baseline, every member, the ensemble.  Columns: test
-accuracy, NLL, ECE, training FLOPs, inference FLOPs, parameters and the
-inference latency measured in this run, each with its ratio to dense.
+Rows: the dense baseline, every member, the ensemble.  Quality: test accuracy,
+NLL, ECE, their means over the corrupted test sets and the OoD-detection AUROC.
+Cost: training FLOPs and measured training time, inference FLOPs, parameters
+and the inference latency measured in this run, each with its ratio to dense.
 """
 
 from __future__ import annotations
