@@ -49,8 +49,9 @@ def aggregate(summaries: List[Dict[str, object]], seeds: List[int]) -> Dict[str,
             out["by_severity"] = {sev: {m: statistics.fmean(p["by_severity"][sev][m] for p in peers)
                                         for m in metrics} for sev, metrics in row["by_severity"].items()}
         rows.append(out)
-    diversity = {k: _stats([s["diversity"][k] for s in summaries])[0] for k in ("disagreement", "kl")}
+    diversity = {k: statistics.fmean(s["diversity"][k] for s in summaries) for k in ("disagreement", "kl")}
     per_epoch = {k: (statistics.fmean(s["epoch_seconds"][k] for s in summaries)
                      if all(s["epoch_seconds"][k] for s in summaries) else None) for k in first["epoch_seconds"]}
+    # the rest (config, calibration, machine, shift) is the first seed's
     return {**first, "rows": rows, "seeds": seeds, "diversity": diversity, "epoch_seconds": per_epoch,
-            "calibration": first["calibration"], "per_seed": summaries}
+            "per_seed": summaries}
