@@ -48,6 +48,15 @@ def random_values(layout, dtype=torch.float64, seed=1, device="cpu"):
     return layout.pack(dense.to(device)).to(dtype)
 
 
+def random_conv_problem(cout, cin, kernel, block, density, batch, hw, fmt="contiguous"):
+    """``(layout, fp32 values, input)`` of a random conv: ``fmt`` is "contiguous" or "channels_last"."""
+    layout = random_layout((cout, cin, *kernel), block, density)
+    x = torch.randn(batch, cin, *hw)
+    if fmt == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    return layout, random_values(layout, dtype=torch.float32), x
+
+
 def assert_close_scaled(got, ref, rtol, atol):
     """``assert_close`` with ``atol`` scaled by max(1, max|ref|): half-type outputs are
     rounded sums whose error grows with their magnitude."""

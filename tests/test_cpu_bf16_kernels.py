@@ -14,7 +14,7 @@ import torch
 
 import freetickets_kernels as ftk
 
-from conftest import assert_close_scaled, random_layout, random_values, run_op
+from conftest import assert_close_scaled, random_conv_problem, random_layout, random_values, run_op
 
 pytestmark = pytest.mark.skipif(
     "cpu" not in ftk.available_backends(), reason="C++ CPU extension not built"
@@ -121,11 +121,7 @@ def test_conv2d(kernel, fmt, cout, cin, ksize, block, density, batch, hw, stride
     from freetickets_kernels.backends import cpu
 
     cpu.set_isa(kernel)
-    layout = random_layout((cout, cin, *ksize), block, density)
-    values = random_values(layout, dtype=torch.float32)
-    x = torch.randn(batch, cin, *hw)
-    if fmt == "channels_last":
-        x = x.to(memory_format=torch.channels_last)
+    layout, values, x = random_conv_problem(cout, cin, ksize, block, density, batch, hw, fmt)
     geo = (stride, padding, dilation)
     _compare(lambda x, v, b: ftk.block_sparse_conv2d(x, v, layout, b, *geo), [x, values, torch.randn(cout)])
 

@@ -13,7 +13,8 @@ import torch
 
 import freetickets_kernels as ftk
 
-from conftest import CONV_CASES, LINEAR_CASES, assert_close_scaled, random_layout, random_values, run_op
+from conftest import (CONV_CASES, LINEAR_CASES, assert_close_scaled, random_conv_problem, random_layout,
+                      random_values, run_op)
 from test_cpu_backend import _isas
 
 pytestmark = pytest.mark.skipif(
@@ -58,11 +59,7 @@ def test_conv2d(dtype, isa, fmt, cout, cin, kernel, block, density, batch, hw, s
     from freetickets_kernels.backends import cpu
 
     cpu.set_isa(isa)
-    layout = random_layout((cout, cin, *kernel), block, density)
-    values = random_values(layout, dtype=torch.float32)
-    x = torch.randn(batch, cin, *hw)
-    if fmt == "channels_last":
-        x = x.to(memory_format=torch.channels_last)
+    layout, values, x = random_conv_problem(cout, cin, kernel, block, density, batch, hw, fmt)
     geo = (stride, padding, dilation)
     _compare(lambda x, v, b: ftk.block_sparse_conv2d(x, v, layout, b, *geo), [x, values, torch.randn(cout)], dtype)
 
