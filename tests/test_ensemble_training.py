@@ -1,13 +1,14 @@
 """EDST / DST Ensemble training: the plan, the run, checkpoints and resume (tiny, CPU)."""
 
 import os
+import time
 
 import pytest
 import torch
 from torch.utils.data import TensorDataset
 
 from freetickets_kernels.app import checkpoint
-from freetickets_kernels.app.training import PlanRunner, TrainConfig
+from freetickets_kernels.app.training import PlanRunner, TrainConfig, baseline_twin, first_member_run
 from freetickets_kernels.ensemble import edst_plan, step_lrs
 from freetickets_kernels.models import SmallResNet
 
@@ -148,3 +149,41 @@ def test_resume_with_other_settings_is_refused(tmp_path):
     _runner(_config(method="dense", epochs=1), tmp_path).run()
     with pytest.raises(ValueError, match="density: saved 0.3, now 0.5"):
         _runner(_config(method="dense", epochs=1, density=0.5), tmp_path).run(resume=True)
+
+
+def test_training_clock_leaves_out_checkpoint_writing(tmp_path, monkeypatch):
+    # the time charged to a method is its training: a slow disk (every save 0.2 s) shows up in
+    # checkpoint_seconds, not in seconds or the epochs' clock
+    real_save, saves = checkpoint.save, []
+
+    def slow_save(*args, **kwargs):
+        saves.append(1)
+        time.sleep(0.2)
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save", slow_save)
+    began = time.perf_counter()
+    result = _runner(_config(method="dst", epochs=2), tmp_path).run()
+    wall = time.perf_counter() - began
+    assert len(saves) == 2 * 2 + 2  # a checkpoint per epoch, and each member's file
+    assert result.checkpoint_seconds >= 0.2 * len(saves)
+    assert result.seconds <= wall - 0.2 * len(saves)
+    assert [row["seconds"] for row in result.history] == sorted(row["seconds"] for row in result.history)
+    assert result.history[-1]["seconds"] <= result.seconds
+
+
+def test_dense_baseline_is_the_dense_ensembles_first_member(tmp_path):
+    # trained once: the baseline cut from a dense ensemble equals a dense run of the same settings
+    ensemble = _runner(_config(method="dense-ensemble", epochs=2), tmp_path / "ens").run()
+    dense_cfg = baseline_twin(ensemble.config)
+    assert dense_cfg == _config(method="dense", epochs=2)
+    cut = first_member_run(ensemble)
+    alone = _runner(dense_cfg, tmp_path / "dense").run()
+    assert cut.config == alone.config and cut.counters == alone.counters
+    assert len(cut.history) == len(alone.history) == 2
+    for key, value in alone.members[0]["state"].items():
+        torch.testing.assert_close(cut.members[0]["state"][key], value, rtol=0, atol=0)
+    assert 0 < cut.seconds < ensemble.seconds
+    assert baseline_twin(_config(method="dst")) is None
+    with pytest.raises(ValueError, match="does not hold the dense baseline"):
+        first_member_run(alone)

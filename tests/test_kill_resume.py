@@ -18,7 +18,7 @@ pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
 TINY = ["train", "--model", "tiny-resnet", "--epochs", "3", "--explore-epochs", "1", "--members", "2",
-        "--block-size", "8", "--update-interval", "5", "--latency-repeats", "1", "--quiet", "--threads", "1"]
+        "--block-size", "8", "--update-interval", "5", "--method", "edst", "--latency-repeats", "1", "--quiet", "--threads", "1"]
 
 # runs ``freetickets`` and SIGKILLs itself at the KILL_NTH rename onto a file named KILL_FILE,
 # just before it (KILL_WHEN=before: the temporary file is written and synced) or just after it

@@ -10,7 +10,7 @@ pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
 TINY = ["train", "--model", "tiny-resnet", "--epochs", "3", "--explore-epochs", "1", "--members", "2",
-        "--block-size", "8", "--update-interval", "5", "--latency-repeats", "2", "--quiet"]
+        "--block-size", "8", "--update-interval", "5", "--method", "edst", "--latency-repeats", "2", "--quiet"]
 
 
 def test_train_smoke(tmp_path, capsys):
@@ -40,7 +40,7 @@ def test_train_smoke(tmp_path, capsys):
 def test_dense_ensemble_baseline(tmp_path, capsys):
     # M independent dense runs: the deep-ensemble baseline, each member paying its own share
     assert main(TINY + ["--method", "dense-ensemble", "--out", str(tmp_path)]) == 0
-    assert "dense-ensemble ensemble (M=2)" in capsys.readouterr().out
+    assert "dense ensemble (M=2)" in capsys.readouterr().out
     results = json.loads((tmp_path / "results.json").read_text())
     dense, first, second, ens = results["rows"]
     assert ens["train_flops_x_dense"] == pytest.approx(2.0)
@@ -50,6 +50,45 @@ def test_dense_ensemble_baseline(tmp_path, capsys):
     # the first member is the baseline's twin: same seed, same batches
     assert first["accuracy"] == dense["accuracy"] and first["nll"] == pytest.approx(dense["nll"])
     assert second["nll"] != dense["nll"]  # the second one is another seed
+
+
+def test_several_methods_in_one_table(tmp_path, capsys):
+    # the paper's comparison in one run: dense, then each ensemble; the dense baseline is the dense
+    # ensemble's first member, trained once; every member's row is kept per method
+    assert main(TINY + ["--method", "dense-ensemble", "edst", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    for text in ("dense ensemble (M=2)", "edst ensemble (M=2)", "edst: members disagree", "one epoch: dense"):
+        assert text in out
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["methods"] == ["dense-ensemble", "edst"]
+    assert [r["model"] for r in results["rows"]] == ["dense", "dense ensemble (M=2)", "edst ensemble (M=2)"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["dense-ensemble", "edst"]  # no dense/
+    by_method = results["by_method"]
+    dense, first = by_method["dense-ensemble"]["rows"][:2]
+    assert first["accuracy"] == dense["accuracy"] and first["nll"] == dense["nll"]
+    assert results["rows"][0]["accuracy"] == dense["accuracy"]
+    assert results["rows"][1]["train_flops_x_dense"] == pytest.approx(2.0)
+    assert 0 < results["rows"][2]["train_flops_x_dense"] < 1
+    assert [r["model"].split(" (")[0] for r in by_method["edst"]["rows"]] == ["dense", "member 1", "member 2",
+                                                                           "edst ensemble"]
+    assert by_method["edst"]["rows"][0]["train_s"] == results["rows"][0]["train_s"]  # one baseline
+    summary = (tmp_path / "summary.md").read_text()
+    assert "## edst: every member" in summary and "## dense-ensemble: every member" in summary
+    assert (tmp_path / "reliability.png").read_bytes()[:4] == b"\x89PNG"
+    # resumed: every method's run is found complete, the same table again
+    assert main(TINY + ["--method", "dense-ensemble", "edst", "--out", str(tmp_path), "--resume"]) == 0
+    again = json.loads((tmp_path / "results.json").read_text())
+    assert [r["accuracy"] for r in again["rows"]] == [r["accuracy"] for r in results["rows"]]
+
+
+def test_method_list_takes_dense_as_the_baseline():
+    from freetickets_kernels.app.train_command import _methods
+
+    assert _methods(["edst", "dst", "edst"], no_baseline=False) == ["edst", "dst"]
+    assert _methods(["dense", "edst"], no_baseline=False) == ["edst"]
+    assert _methods(["dense"], no_baseline=False) == ["dense"]
+    with pytest.raises(ValueError, match="--no-baseline"):
+        _methods(["dense", "edst"], no_baseline=True)
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])

@@ -14,7 +14,7 @@ pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
 TINY = ["train", "--model", "tiny-resnet", "--epochs", "3", "--explore-epochs", "1", "--members", "2",
-        "--block-size", "8", "--update-interval", "5", "--latency-repeats", "2", "--quiet"]
+        "--block-size", "8", "--update-interval", "5", "--method", "edst", "--latency-repeats", "2", "--quiet"]
 
 
 def _exit_code(argv):

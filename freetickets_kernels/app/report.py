@@ -1,7 +1,9 @@
 """The result of ``freetickets train``: two tables, and results.json, summary.md, reliability.png,
 robustness.png.
 
-Rows: the dense baseline, every member, the ensemble.  Quality: test accuracy,
+Rows: the dense baseline, every member, the ensemble; with several methods
+(:func:`combine`), the dense baseline and each method's ensemble, every
+member's row kept per method.  Quality: test accuracy,
 NLL, ECE, their means over the corrupted test sets and the OoD-detection AUROC.
 Cost: training FLOPs and measured training time, inference FLOPs, parameters
 and the inference latency measured in this run, each with its ratio to dense.
@@ -34,6 +36,8 @@ COST = {"model": "model", "train_flops": "train FLOPs", "train_flops_x_dense": "
         "params": "params", "latency_ms": "latency ms", "latency_x_dense": "(x dense)"}
 RATIOS = {"train_flops": "train_flops_x_dense", "train_s": "train_s_x_dense",
           "inference_flops": "inference_flops_x_dense", "latency_ms": "latency_x_dense"}
+# the ensemble row's name: "dense ensemble", not "dense-ensemble ensemble"
+ENSEMBLE_NAMES = {"dense-ensemble": "dense"}
 # methods whose members are independent runs: each member paid its own share of the cost
 INDEPENDENT = ("dst", "dense-ensemble")
 
@@ -93,8 +97,8 @@ def summarize(ensemble: RunResult, ensemble_runner: PlanRunner, test: Dataset, e
             row["train_flops"] = train_flops / m
             row["train_s"] = ensemble.seconds / m
         rows.append(row)
-    rows.append({"model": f"{method} ensemble (M={m})", "accuracy": metrics["accuracy"], "nll": metrics["nll"],
-                 "ece": metrics["ece"], **shifted[-1], "train_flops": train_flops, "train_s": ensemble.seconds,
+    rows.append({"model": f"{ENSEMBLE_NAMES.get(method, method)} ensemble (M={m})", "accuracy": metrics["accuracy"],
+                 "nll": metrics["nll"], "ece": metrics["ece"], **shifted[-1], "train_flops": train_flops, "train_s": ensemble.seconds,
                  "inference_flops": sum(f.forward for f in flops),
                  "params": sum(p["params"] for p in params),
                  "dense_params": sum(p["dense_params"] for p in params)})
@@ -110,11 +114,40 @@ def summarize(ensemble: RunResult, ensemble_runner: PlanRunner, test: Dataset, e
         "calibration": calibration, "counters": {"ensemble": ensemble.counters,
                                                  "dense": dense.counters if dense else None},
         "train_seconds": {"ensemble": ensemble.seconds, "dense": dense.seconds if dense else None},
+        "checkpoint_seconds": {"ensemble": ensemble.checkpoint_seconds,
+                               "dense": dense.checkpoint_seconds if dense else None},
         "epoch_seconds": {"ensemble": _per_epoch(ensemble), "dense": _per_epoch(dense) if dense else None},
         "latency_batch": list(example.shape), "machine": machine_info(),
         "shift": {"corrupted_sets": [[c, sev, len(d)] for c, sev, d in shift.corrupted], "ood": shift.ood_name,
                   "ood_samples": len(shift.ood) if shift.ood is not None else 0},
     }
+
+
+def combine(by_method: Dict[str, Dict[str, object]]) -> Dict[str, object]:
+    """One summary of several methods' summaries (each already over its seeds): the dense row once, then
+    each method's ensemble row; each method's whole summary (every member's row) under ``by_method``.
+
+    Each method's ratios are to the dense model as measured in that method's own evaluation (latency
+    is timed there, beside the method's members); the dense row shown is the first method's."""
+    if len(by_method) == 1:
+        return next(iter(by_method.values()))
+    first = next(iter(by_method.values()))
+    rows = [first["rows"][0]] if first["rows"][0]["model"] == "dense" else []
+    rows += [s["rows"][-1] for s in by_method.values()]
+    calibration = {"dense": first["calibration"]["dense"]} if "dense" in first["calibration"] else {}
+    calibration.update({s["rows"][-1]["model"].split(" (")[0]: s["calibration"]["ensemble"]
+                        for s in by_method.values()})
+    combined = {"methods": list(by_method), "members": first["members"],
+                "config": {**first["config"], "method": list(by_method)}, "rows": rows, "calibration": calibration,
+                "latency_batch": first["latency_batch"], "machine": first["machine"], "shift": first["shift"],
+                "by_method": by_method}
+    if first.get("seeds"):
+        combined["seeds"] = first["seeds"]
+    return combined
+
+
+def _by_method(summary: Dict[str, object]) -> Dict[str, Dict[str, object]]:
+    return summary.get("by_method") or {summary["method"]: summary}
 
 
 def _cell(v, col: str) -> str:
@@ -150,7 +183,7 @@ def _text_table(rows: List[dict], columns: Dict[str, str]) -> List[str]:
 
 
 def format_table(summary: Dict[str, object]) -> str:
-    rows, div, shift = summary["rows"], summary["diversity"], summary.get("shift") or {}
+    rows, shift = summary["rows"], summary.get("shift") or {}
     out = _text_table(rows, QUALITY)
     sets = shift.get("corrupted_sets") or []
     if sets:
@@ -160,20 +193,32 @@ def format_table(summary: Dict[str, object]) -> str:
     if shift.get("ood"):
         out.append(f"OoD: clean test set against {shift['ood']} ({shift['ood_samples']} images); "
                    "AUROC 1 = always told apart, 0.5 = chance")
-    out.append(f"members disagree on {div['disagreement']:.2%} of test samples; mean pairwise KL {div['kl']:.4f}")
+    methods = _by_method(summary)
+    for method, s in methods.items():
+        div = s["diversity"]
+        out.append(f"{method}: members disagree on {div['disagreement']:.2%} of test samples; mean pairwise KL "
+                   f"{div['kl']:.4f}")
     if summary.get("seeds"):
         out.append(f"mean ± std over {len(summary['seeds'])} training seeds {summary['seeds']} "
                    "(same data split and shifted sets)")
     out += [""] + _text_table(rows, COST)
     out.append(f"latency: one batch of {summary['latency_batch'][0]} samples, median of repeats, this machine; "
                f"precision {summary['config'].get('precision', 'fp32')}")
-    out.append("train s: measured wall-clock of the whole training (every epoch and its validation pass), "
+    # every method's runs, and the dense baseline once (each method's summary holds the same one)
+    written = [s.get("checkpoint_seconds") or {} for s in methods.values()]
+    writing = [w.get("ensemble") or 0 for w in written] + [written[0].get("dense") or 0]
+    out.append("train s: measured wall-clock of the whole training (every epoch and its validation pass, not the "
+               f"checkpoint writing: {sum(writing):.1f} s in all{', per seed' if summary.get('seeds') else ''}), "
                "this machine, one run after the other")
-    per_epoch = summary.get("epoch_seconds") or {}
-    if per_epoch.get("dense") and per_epoch.get("ensemble"):
-        ratio = per_epoch["dense"] / per_epoch["ensemble"]
-        out.append(f"one epoch: dense {per_epoch['dense']:.2f} s, {summary['method']} {per_epoch['ensemble']:.2f} s "
-                   f"({ratio:.2f}x {'faster' if ratio >= 1 else 'slower'} than dense)")
+    dense_epoch = next(iter(methods.values())).get("epoch_seconds", {}).get("dense")
+    epochs = []
+    for method, s in methods.items():
+        mine = s.get("epoch_seconds", {}).get("ensemble")
+        if dense_epoch and mine:
+            speed = f"{dense_epoch / mine:.2f}x faster" if mine <= dense_epoch else f"{mine / dense_epoch:.2f}x slower"
+            epochs.append(f"{method} {mine:.2f} s ({speed} than dense)")
+    if epochs:
+        out.append(f"one epoch: dense {dense_epoch:.2f} s; " + "; ".join(epochs))
     return "\n".join(out)
 
 
@@ -245,13 +290,18 @@ def write_outputs(summary: Dict[str, object], out_dir: str) -> Dict[str, str]:
     if any(r.get("by_severity") for r in summary["rows"]):
         paths["robustness"] = os.path.join(out_dir, "robustness.png")
     write_text_atomic(paths["json"], json.dumps(summary, indent=2, default=str))
-    info = summary["machine"]
-    md = [f"# freetickets train: {summary['method']} ensemble, M={summary['members']}", ""]
+    info, methods = summary["machine"], _by_method(summary)
+    md = [f"# freetickets train: {', '.join(methods)} {'ensemble' if len(methods) == 1 else 'ensembles'}, "
+          f"M={summary['members']}", ""]
     md += [f"- {k}: {v}" for k, v in info.items()]
     md += ["", "```", format_table(summary), "```", "", markdown_table(summary["rows"], list(QUALITY)), "",
            markdown_table(summary["rows"], list(COST)), "", "![reliability diagram](reliability.png)", ""]
     if "robustness" in paths:
         md += ["![accuracy, NLL and ECE against corruption severity](robustness.png)", ""]
+    if len(methods) > 1:  # every member's row, per method
+        for method, s in methods.items():
+            md += [f"## {method}: every member", "", markdown_table(s["rows"], list(QUALITY)), "",
+                   markdown_table(s["rows"], list(COST)), ""]
     write_text_atomic(paths["md"], "\n".join(md))
     reliability_png(summary["calibration"], paths["png"])
     if "robustness" in paths:

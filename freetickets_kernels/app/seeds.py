@@ -41,7 +41,8 @@ def aggregate(summaries: List[Dict[str, object]], seeds: List[int]) -> Dict[str,
     rows = []
     for i, row in enumerate(first["rows"]):
         peers = [s["rows"][i] for s in summaries]
-        out = {"model": shapes[0][i]}
+        names = {p["model"] for p in peers}  # "edst ensemble (M=3)" keeps its M; members differ by epoch
+        out = {"model": names.pop() if len(names) == 1 else shapes[0][i]}
         for key, value in row.items():
             if _number(value) and all(_number(p.get(key)) for p in peers):
                 out[key], out[f"{key}_std"] = _stats([float(p[key]) for p in peers])
@@ -50,8 +51,8 @@ def aggregate(summaries: List[Dict[str, object]], seeds: List[int]) -> Dict[str,
                                         for m in metrics} for sev, metrics in row["by_severity"].items()}
         rows.append(out)
     diversity = {k: statistics.fmean(s["diversity"][k] for s in summaries) for k in ("disagreement", "kl")}
-    per_epoch = {k: (statistics.fmean(s["epoch_seconds"][k] for s in summaries)
-                     if all(s["epoch_seconds"][k] for s in summaries) else None) for k in first["epoch_seconds"]}
+    seconds = {key: {k: (statistics.fmean(s[key][k] for s in summaries)
+                         if all(s[key][k] is not None for s in summaries) else None) for k in first[key]}
+               for key in ("epoch_seconds", "checkpoint_seconds")}
     # the rest (config, calibration, machine, shift) is the first seed's
-    return {**first, "rows": rows, "seeds": seeds, "diversity": diversity, "epoch_seconds": per_epoch,
-            "per_seed": summaries}
+    return {**first, "rows": rows, "seeds": seeds, "diversity": diversity, **seconds, "per_seed": summaries}

@@ -6,6 +6,8 @@ import argparse
 import math
 import os
 import sys
+from dataclasses import replace
+from typing import Dict, List
 
 import torch
 
@@ -18,7 +20,7 @@ from .results import check_out_dir
 from .seeds import aggregate, training_seeds
 from .shift_data import OOD_DATASETS, corrupted_sets, ood_set
 from .shift_eval import ShiftSets
-from .training import METHODS, PRECISIONS, PlanRunner, TrainConfig
+from .training import METHODS, PRECISIONS, PlanRunner, TrainConfig, baseline_twin, first_member_run
 
 # What an unflagged run uses per data set: the digits values keep the default
 # run at a few minutes on two CPU cores with a model whose sparse training is
@@ -36,21 +38,26 @@ PRESETS = {
                     "model": "small-resnet", "block_size": [16, 16]},
 }
 DEFAULT_DATASET = "digits"
+# the paper's comparison in one run: the dense baseline beside a dense deep ensemble, a DST and an EDST
+# Ensemble (the baseline is the dense ensemble's first member, trained once)
+DEFAULT_METHODS = ["dense-ensemble", "dst", "edst"]
 # every other default is TrainConfig's, so the command and the Python API cannot drift apart
 DEFAULTS = TrainConfig()
 
 EXAMPLES = f"""\
 examples:
-  freetickets train                                  # EDST (M={DEFAULTS.members}) + dense baseline on the digits, ~2 min on 2 CPU cores
-  freetickets train --method dst --members 3         # DST Ensemble: 3 independent sparse runs
-  freetickets train --method dense-ensemble          # the deep-ensemble baseline: 3 dense runs
-  freetickets train --resume --out runs/edst-digits  # continue an interrupted run
+  freetickets train                                  # dense vs dense / DST / EDST ensembles (M={DEFAULTS.members}), digits, ~3 min on 2 CPU cores
+  freetickets train --method edst                    # the dense baseline and an EDST Ensemble only, ~1 min
+  freetickets train --method dst --members 5         # DST Ensemble: 5 independent sparse runs
+  freetickets train --seeds 3                        # the default comparison with 3 training seeds: mean ± std
+  freetickets train --resume --out runs/compare-digits  # continue an interrupted run
   freetickets train --dataset cifar10 --data-dir ~/data --download \\
       --density 0.2 --device cuda                    # the paper's CIFAR-10 setting, on a GPU
   torchrun --nproc-per-node 2 -m freetickets_kernels.app.cli train   # two processes (DDP)
 
-The run directory (--out) gets checkpoint.pt after every epoch, members/*.pt
-as members are found, then results.json, summary.md and reliability.png."""
+The run directory (--out) gets, per method, checkpoint.pt after every epoch and
+members/*.pt as members are found, then results.json, summary.md (every
+member's row too), reliability.png and robustness.png."""
 
 
 def _block_size(text: str):
@@ -146,9 +153,11 @@ def add_parser(sub) -> None:
             "FLOPs, parameters and measured inference latency.  With no flags: scikit-learn's handwritten "
             "digits (shipped with scikit-learn, no download) and a wide MLP."))
     g = p.add_argument_group("what to train")
-    g.add_argument("--method", choices=METHODS, default=DEFAULTS.method,
-                   help="edst: one run, M members; dst: M independent sparse runs; dense-ensemble: M independent "
-                        "dense runs (the deep-ensemble baseline); dense: baseline only (default %(default)s)")
+    g.add_argument("--method", nargs="+", choices=METHODS, default=DEFAULT_METHODS, metavar="METHOD",
+                   help="one or more of: edst: one run, M members; dst: M independent sparse runs; dense-ensemble: M "
+                        "independent dense runs (the deep-ensemble baseline); dense: the baseline alone.  Several "
+                        "give one table, each ensemble beside the one dense baseline "
+                        f"(default {' '.join(DEFAULT_METHODS)})")
     g.add_argument("--model", choices=sorted(MODELS), help=f"(default {preset_default('model')})")
     g.add_argument("--dataset", choices=DATASETS, default=DEFAULT_DATASET, help="default: %(default)s")
     g.add_argument("--data-dir", default="./data", help="where CIFAR lives, or the imagefolder's folder (class "
@@ -233,8 +242,30 @@ def _device(text: str) -> torch.device:
     return device
 
 
+def _methods(asked: List[str], no_baseline: bool) -> List[str]:
+    """``--method``'s list, each once, in order; ``dense`` beside ensembles is their baseline."""
+    methods = list(dict.fromkeys(asked))
+    if len(methods) > 1 and "dense" in methods:
+        if no_baseline:
+            raise ValueError("--method dense is the dense baseline, and --no-baseline skips it: drop one of them")
+        methods.remove("dense")
+    return methods
+
+
+def _plan(configs: Dict[str, TrainConfig], with_baseline: bool, runner):
+    """One seed's runners: ``({method: runner}, baseline)``, the baseline being its own runner, the name of
+    the method whose first member it is (a dense ensemble's), or None."""
+    ensembles = {m: runner(cfg) for m, cfg in configs.items()}
+    if not with_baseline:
+        return ensembles, None
+    for m, cfg in configs.items():
+        if baseline_twin(cfg) is not None:
+            return ensembles, m
+    return ensembles, runner(replace(next(iter(configs.values())), method="dense"))
+
+
 def run(args: argparse.Namespace) -> int:
-    from .report import format_table, summarize, write_outputs
+    from .report import combine, format_table, summarize, write_outputs
 
     _check_requirements(args.dataset)
     device = _device(args.device)
@@ -246,7 +277,8 @@ def run(args: argparse.Namespace) -> int:
     for key in preset:
         if getattr(args, key) is None:
             setattr(args, key, preset[key])
-    out = args.out or os.path.join("runs", f"{args.method}-{args.dataset}")
+    methods = _methods(args.method, args.no_baseline)
+    out = args.out or os.path.join("runs", f"{methods[0] if len(methods) == 1 else 'compare'}-{args.dataset}")
     common = dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
                   weight_decay=args.weight_decay, density=args.density, block_size=args.block_size,
                   distribution=args.distribution, growth=args.growth, update_interval=args.update_interval,
@@ -254,9 +286,8 @@ def run(args: argparse.Namespace) -> int:
                   explore_epochs=args.explore_epochs, members=args.members, precision=args.precision)
     # every check before any training: settings, the run directory, the checkpoints to resume
     seeds = training_seeds(args.seed, args.seeds)
-    with_baseline = args.method != "dense" and not args.no_baseline
-    configs = [(TrainConfig(method=args.method, seed=seed, **common),
-                TrainConfig(method="dense", seed=seed, **common) if with_baseline else None) for seed in seeds]
+    with_baseline = methods != ["dense"] and not args.no_baseline
+    configs = [{m: TrainConfig(method=m, seed=seed, **common) for m in methods} for seed in seeds]
     if distributed.is_main():
         check_out_dir(out)
     if args.resume and not os.path.isdir(out):
@@ -275,32 +306,34 @@ def run(args: argparse.Namespace) -> int:
     model_fn = lambda: build_model(args.model, splits.num_classes, splits.in_channels, splits.image_size)  # noqa: E731
     say = print if distributed.is_main() else (lambda *a, **k: None)
 
-    def runner(cfg: TrainConfig, sub: str) -> PlanRunner:
+    def runner(cfg: TrainConfig) -> PlanRunner:
         where = out if len(seeds) == 1 else os.path.join(out, f"seed-{cfg.seed}")
-        return PlanRunner(cfg, model_fn, splits.train, splits.val, os.path.join(where, sub), device,
+        return PlanRunner(cfg, model_fn, splits.train, splits.val, os.path.join(where, cfg.method), device,
                           progress=not args.quiet)
 
-    say(f"freetickets train: {args.method} on {args.dataset} ({len(splits.train)} train / {len(splits.val)} val / "
-        f"{len(splits.test)} test), model {args.model}, density {args.density}, blocks "
+    say(f"freetickets train: {', '.join(methods)} on {args.dataset} ({len(splits.train)} train / "
+        f"{len(splits.val)} val / {len(splits.test)} test), model {args.model}, density {args.density}, blocks "
         f"{args.block_size[0]}x{args.block_size[1]}, {args.precision}, {distributed.world_size()} process(es), "
         f"{device}, training seed(s) {seeds}; run directory {out}; after training: {shift.describe()}")
-    plans = [(runner(ens_cfg, args.method), runner(dense_cfg, "dense") if dense_cfg else None)
-             for ens_cfg, dense_cfg in configs]
-    for pair in plans:
-        for r in pair:
-            if r is not None:
-                r.prepare(resume=args.resume)
+    plans = [_plan(by_method, with_baseline, runner) for by_method in configs]
+    for ensembles, baseline in plans:  # every checkpoint checked before the first epoch
+        for r in list(ensembles.values()) + ([baseline] if isinstance(baseline, PlanRunner) else []):
+            r.prepare(resume=args.resume)
     example = torch.stack([splits.test[i][0] for i in range(min(args.batch_size, len(splits.test)))])
-    summaries = []
-    for ens_runner, dense_runner in plans:
+    per_method = {m: [] for m in methods}
+    for ensembles, baseline in plans:
+        dense_runner = baseline if isinstance(baseline, PlanRunner) else None
         dense = dense_runner.run(resume=args.resume) if dense_runner is not None else None
-        ensemble = ens_runner.run(resume=args.resume)
+        runs = {m: r.run(resume=args.resume) for m, r in ensembles.items()}
+        if isinstance(baseline, str):  # the dense ensemble's first member
+            dense, dense_runner = first_member_run(runs[baseline]), ensembles[baseline]
         if distributed.is_main():
-            summaries.append(summarize(ensemble, ens_runner, splits.test, example, dense, dense_runner,
-                                       latency_repeats=args.latency_repeats, shift=shift))
+            for m, r in ensembles.items():
+                per_method[m].append(summarize(runs[m], r, splits.test, example, dense, dense_runner,
+                                               latency_repeats=args.latency_repeats, shift=shift))
     if not distributed.is_main():
         return 0
-    summary = aggregate(summaries, seeds)
+    summary = combine({m: aggregate(summaries, seeds) for m, summaries in per_method.items()})
     print()
     print(format_table(summary))
     paths = write_outputs(summary, out)

@@ -16,7 +16,7 @@ import copy
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Dict, List, Optional, Union
 
 import torch
@@ -122,7 +122,32 @@ class RunResult:
     members: List[dict]          # name, epoch, val_accuracy, val_nll, state (model state_dict)
     counters: Dict[str, int]     # samples, dense_gradient_samples, steps, updates, explorations
     history: List[dict]          # one row per epoch
-    seconds: float
+    seconds: float               # training wall-clock: epochs and validation passes, not checkpoint writing
+    checkpoint_seconds: float = 0.0  # writing checkpoints and members (grows with the members a checkpoint holds)
+
+
+def baseline_twin(config: TrainConfig) -> Optional[TrainConfig]:
+    """The dense baseline that is ``config``'s first member, or None: a dense ensemble's first member is
+    the baseline's training exactly (same settings, seed, learning rates and batches), so a run of both
+    trains it once (:func:`first_member_run`)."""
+    if config.method != "dense-ensemble":
+        return None
+    dense = replace(config, method="dense")
+    mine, theirs = config.plan()[0], dense.plan()[0]
+    return dense if (mine.lrs, mine.seed, mine.new_run) == (theirs.lrs, theirs.seed, theirs.new_run) else None
+
+
+def first_member_run(run: RunResult) -> RunResult:
+    """The dense baseline's run cut from ``run``, a dense ensemble's: its first member, the epochs that
+    trained it (their training clock) and their share of the counters.  Its checkpoint writing is the
+    ensemble's (``checkpoint_seconds`` 0), so a sum over the methods counts it once."""
+    dense = baseline_twin(run.config)
+    if dense is None:
+        raise ValueError(f"a {run.config.method} run does not hold the dense baseline's training")
+    epochs, m = dense.plan()[0].epochs, run.config.members
+    history = run.history[:epochs]
+    counters = {k: v // m for k, v in run.counters.items()}
+    return RunResult(dense, run.members[:1], counters, history, history[-1]["seconds"])
 
 
 def _is_int(value) -> bool:
@@ -294,7 +319,8 @@ class PlanRunner:
     def member_path(self, name: str) -> str:
         return os.path.join(self.out_dir, "members", f"{name}.pt")
 
-    def _save(self, phase_index: int, epoch: int, best, members, counters, history, seconds, done: bool) -> None:
+    def _save(self, phase_index: int, epoch: int, best, members, counters, history, seconds, done: bool,
+              checkpoint_seconds: float = 0.0) -> None:
         """Write the checkpoint (rank 0 only); a finished run keeps its members, not its training state."""
         if not self.main:
             return
@@ -306,7 +332,7 @@ class PlanRunner:
             "dst": self.dst.state_dict() if live and self.dst is not None else None,
             "scaler": self.scaler.state_dict() if live else None,
             "best": best, "members": members, "counters": counters, "history": history,
-            "seconds": seconds, "done": done,
+            "seconds": seconds, "checkpoint_seconds": checkpoint_seconds, "done": done,
         }
         checkpoint.save(state, self.checkpoint_path)
 
@@ -385,8 +411,10 @@ class PlanRunner:
         if counters["steps"] != epochs_done * self._steps_per_epoch():
             raise self._bad("counters.steps", f"is {counters['steps']}, but {epochs_done} epochs of "
                             f"{self._steps_per_epoch()} steps were trained")
-        if not _is_real(state["seconds"]) or state["seconds"] < 0:
-            raise self._bad("seconds", f"has an impossible value {_short(state['seconds'])}")
+        for key in ("seconds", "checkpoint_seconds"):  # checkpoint_seconds: absent in older checkpoints
+            value = state.get(key, 0.0)
+            if not _is_real(value) or value < 0:
+                raise self._bad(key, f"has an impossible value {_short(value)}")
         if not done:
             for key in ("model", "optimizer"):
                 if not isinstance(state[key], dict):
@@ -500,23 +528,25 @@ class PlanRunner:
         prepared = getattr(self, "_prepared", None)
         state = prepared[1] if prepared is not None and prepared[0] == resume else self.prepare(resume)
         self._prepared = None
-        phase_index, epoch, best, members, history, seconds = 0, 0, None, [], [], 0.0
+        phase_index, epoch, best, members, history, seconds, io_seconds = 0, 0, None, [], [], 0.0, 0.0
         counters = dict.fromkeys(COUNTERS, 0)
         if self.main:
             checkpoint.remove_stale_temporaries(self.checkpoint_path)
         if state is not None:
             phase_index, epoch, best = state["phase"], state["epoch"], state["best"]
             members, counters, history = state["members"], state["counters"], state["history"]
-            seconds = state["seconds"]
+            seconds, io_seconds = state["seconds"], state.get("checkpoint_seconds", 0.0)
             if self.main:
                 self._repair_members(members)
             if state["done"]:
                 self.log(f"{self.checkpoint_path}: run already complete ({len(members)} members)")
-                return RunResult(self.config, members, counters, history, seconds)
+                return RunResult(self.config, members, counters, history, seconds, io_seconds)
             self.log(f"resuming {self.checkpoint_path}: phase {self.plan[phase_index].name}, "
                      f"epoch {epoch}/{self.plan[phase_index].epochs}, {len(members)} members found")
         elif resume:
             self.log(f"{self.checkpoint_path}: no checkpoint yet, starting from the beginning")
+        # the training clock: ``start`` moves forward by every checkpoint write, so the time charged to a
+        # method is its training, not the disk traffic of the members its checkpoint carries
         start = time.perf_counter() - seconds
         # the model, optimizer and DST engine the resumed phase had
         resumed_new_run = epoch == 0 and self.plan[phase_index].new_run  # rebuilt below anyway
@@ -547,18 +577,21 @@ class PlanRunner:
                 self.log(f"{phase.name} epoch {e + 1}/{phase.epochs}: val accuracy {val_acc:.4f} nll {val_nll:.4f}"
                          + ("  (best so far)" if row.get("best") else ""))
                 last = e + 1 == phase.epochs
+                writing = time.perf_counter()
                 if last and phase.member:
                     members.append(best)
                     self._save_member(best)
                     best = None
                 next_phase, next_epoch = (pi + 1, 0) if last else (pi, e + 1)
                 done = last and pi + 1 == len(self.plan)
-                self._save(next_phase, next_epoch, best, members, counters, history, time.perf_counter() - start,
-                           done)
+                self._save(next_phase, next_epoch, best, members, counters, history, writing - start,
+                           done, io_seconds + time.perf_counter() - writing)
+                wrote = time.perf_counter() - writing
+                io_seconds, start = io_seconds + wrote, start + wrote
                 if on_epoch_end is not None:
                     on_epoch_end(row)
             epoch = 0
-        return RunResult(self.config, members, counters, history, time.perf_counter() - start)
+        return RunResult(self.config, members, counters, history, time.perf_counter() - start, io_seconds)
 
     def _save_member(self, member: dict, quiet: bool = False) -> None:
         if self.main:
