@@ -55,9 +55,12 @@ def _close(got, ref, dtype):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("block", [(16, 16), (32, 32), (64, 64), (32, 48), (96, 80)])
 def test_linear_larger_shapes_all_dtypes(backend, dtype, block):
-    layout = random_layout((300, 520), block, 0.3)
+    _linear_matches_reference(backend, dtype, random_layout((300, 520), block, 0.3), tokens=333)
+
+
+def _linear_matches_reference(backend, dtype, layout, tokens):
     values = random_values(layout, dtype=torch.float32)
-    x, bias = torch.randn(333, 520), torch.randn(300)
+    x, bias = torch.randn(tokens, layout.in_features), torch.randn(layout.out_features)
     fn = lambda x, v, b: ftk.block_sparse_linear(x, v, layout.to(x.device), b)  # noqa: E731
     ref = run_op("reference", fn, [x.double(), values.double(), bias.double()])
     got = run_op(backend, fn, [t.cuda().to(dtype) for t in (x, values, bias)])
@@ -96,8 +99,19 @@ def test_dense_grad_block_norms_on_gpu(backend):
     torch.testing.assert_close(got.cpu().double(), ref, rtol=1e-4, atol=1e-4)
 
 
-def test_cuda_tensors_prefer_the_cuda_backend():
+def test_cuda_tensors_prefer_triton_then_cuda():
     from freetickets_kernels.backends import select
 
-    expected = next(b for b in ("cuda", "triton", "reference") if b in ftk.available_backends())
+    expected = next(b for b in ("triton", "cuda", "reference") if b in ftk.available_backends())
     assert select(torch.device("cuda"), torch.float16).name == expected
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_grad_blocks_split_over_pixels_on_gpu(backend, dtype):
+    # few live blocks, many pixels: grad-values and the block norms reduce in split pixel ranges
+    from freetickets_kernels.backends.implicit_gemm import split_count
+
+    layout = random_layout((64, 32), (32, 32), 0.5)
+    assert split_count(max(layout.nnzb, 1), 16384, torch.device("cuda")) > 1
+    _linear_matches_reference(backend, dtype, layout, tokens=16384)

@@ -117,6 +117,49 @@ def test_dense_grad_block_norms(rows, features, block):  # the second case split
     torch.testing.assert_close(got.cpu().double(), ref, rtol=1e-4, atol=1e-4)
 
 
+def test_blocks_wider_than_a_tile_and_128_wide():
+    # PBO/PBI of 128 (and 96x80 padded to 128x128): one program's accumulator spans the whole block
+    for shape, block, batch in (((256, 200), (128, 100), 9), ((130, 96), (96, 80), 5)):
+        layout = random_layout(shape, block, 0.6)
+        _compare(_linear(layout), [torch.randn(batch, shape[1]), random_values(layout, dtype=torch.float32),
+                                   torch.randn(shape[0])])
+
+
+def test_tuning_key_buckets_pixels_and_tells_memory_formats_apart():
+    from freetickets_kernels.backends import triton as backend
+    from freetickets_kernels.backends.triton import kernels
+
+    nchw = torch.empty(2, 8, 5, 5)
+    nhwc = nchw.to(memory_format=torch.channels_last)
+    assert backend._tuning_args(50, nchw) == {"M_BUCKET": 64, "CHANNELS_INNER": 0}
+    assert backend._tuning_args(33, nhwc) == {"M_BUCKET": 64, "CHANNELS_INNER": 1}
+    assert backend._tuning_args(64, torch.empty(64, 8)) == {"M_BUCKET": 64, "CHANNELS_INNER": 1}
+    assert backend._tuning_args(7, torch.empty(8, 7).t()) == {"M_BUCKET": 8, "CHANNELS_INNER": 0}
+    with pytest.raises(ValueError, match="split the batch"):
+        backend._tuning_args(2 ** 31, nchw)
+    for kernel in (kernels.forward_kernel, kernels.grad_input_kernel, kernels.grad_blocks_kernel):
+        assert {"M_BUCKET", "CHANNELS_INNER", "KH", "KW", "SH", "SW", "BO", "BI"} <= set(kernel.keys)
+        assert "M" not in kernel.keys  # a new batch size reuses its bucket's tile
+    assert "HAS_BIAS" in kernels.forward_kernel.keys
+
+
+def test_autotuning_can_be_switched_off(monkeypatch):
+    import triton
+
+    from freetickets_kernels.backends.triton import tuning
+
+    monkeypatch.setattr(tuning, "interpreted", lambda: False)  # as on a GPU
+    configs = tuning.forward_configs()
+    args = {"PBO": 32, "PBI": 32}
+    assert len(tuning.prune(configs, args)) == len(configs)
+    monkeypatch.setenv("FREETICKETS_TRITON_AUTOTUNE", "0")
+    assert tuning.prune(configs, args) == configs[:1]
+    monkeypatch.setenv("FREETICKETS_TRITON_AUTOTUNE", "maybe")
+    with pytest.raises(ValueError, match="must be 0 or 1"):
+        tuning.prune(configs, args)
+    assert isinstance(configs[0], triton.Config)
+
+
 def test_empty_batch():
     layout = random_layout((16, 8, 3, 3), (8, 8), 0.5)
     values = random_values(layout, dtype=torch.float32).to(DEVICE)

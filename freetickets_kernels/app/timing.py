@@ -1,11 +1,13 @@
 """Wall-clock timing the way every figure of this project is measured: median of repeats
-(of a function, of functions in turn, of the inference of models and ensembles)."""
+(of a function, of functions in turn, of the inference of models and ensembles), and on a GPU
+the device-only time of a call beside its eager time."""
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
-from typing import Callable, Dict, List, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -64,6 +66,57 @@ def _median_cuda_seconds(fn: Callable[[], object], repeats: int) -> float:
         end.record()
     torch.cuda.synchronize()
     return statistics.median(start.elapsed_time(end) for start, end in events) / 1e3
+
+
+@functools.lru_cache(maxsize=None)
+def _sleep_cycles_per_second(device: int) -> float:
+    """How many ``torch.cuda._sleep`` cycles one second of device time holds (measured once)."""
+    with torch.cuda.device(device):
+        torch.cuda._sleep(1_000_000)  # warm
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        torch.cuda._sleep(20_000_000)
+        end.record()
+        end.synchronize()
+        return 20_000_000 / (start.elapsed_time(end) / 1e3)
+
+
+def device_median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 2) -> Optional[float]:
+    """Median device time of ``fn()`` on the current CUDA device, without its host overhead.
+
+    Every call is queued behind a busy kernel (``torch.cuda._sleep``) long enough to hide the host's
+    enqueueing of all of them, so the CUDA events around each call see only its kernels running back
+    to back: for a forward of ~50 us or less, eager timing measures validation and dispatch instead.
+    Returns None when the busy kernel ran out before the calls were all queued even after growing it
+    (``fn`` synchronizes with the host, so there is no device-only time to take).
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    began = time.perf_counter()
+    fn()
+    host = time.perf_counter() - began  # the enqueue of one call (the device may still be running it)
+    torch.cuda.synchronize()
+    per_second = _sleep_cycles_per_second(torch.cuda.current_device())
+    hide = 2 * host * repeats + 1e-3
+    for _ in range(3):
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(repeats)]
+        busy_done = torch.cuda.Event()
+        torch.cuda._sleep(int(hide * per_second))
+        busy_done.record()
+        for start, end in events:
+            start.record()
+            fn()
+            end.record()
+        held = not busy_done.query()  # still busy: every call was queued before the device reached it
+        torch.cuda.synchronize()
+        if held:
+            return statistics.median(start.elapsed_time(end) for start, end in events) / 1e3
+        hide *= 4
+    return None
 
 
 def inference_latency(models: Dict[str, Sequence[nn.Module]], batch: torch.Tensor, repeats: int = 20,

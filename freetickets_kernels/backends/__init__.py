@@ -6,7 +6,9 @@ ops ask :func:`select` for one per call, by the tensors' device and dtype:
 * forced, by :func:`use_backend` (a context manager, per thread/task) or the
   ``FREETICKETS_BACKEND`` environment variable: that backend or a clear error;
 * otherwise the first available backend that handles the device and dtype, in
-  the order ``cuda > triton > reference`` for CUDA tensors and
+  the order ``triton > cuda > reference`` for CUDA tensors (Triton first
+  until a GPU measurement shows the CUDA kernels faster; see
+  docs/gpu-backends.md) and
   ``cpu > reference`` for CPU tensors.  Landing on the reference backend when
   a faster one exists for the device is announced once with a
   :class:`ReferenceBackendWarning`.
@@ -147,7 +149,7 @@ BACKENDS: Dict[str, Backend] = {
 
 PRIORITY: Dict[str, Tuple[str, ...]] = {
     "cpu": ("cpu", "reference"),
-    "cuda": ("cuda", "triton", "reference"),
+    "cuda": ("triton", "cuda", "reference"),
 }
 
 

@@ -37,24 +37,46 @@ def _on_device(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
+INT32_MAX = 2 ** 31 - 1
+
+
+def _tuning_args(pixels: int, activation: torch.Tensor) -> dict:
+    """The autotune key's extra arguments (kernels.TUNE_KEY): pixels bucketed to a power of two (so a
+    new batch size reuses a tuned tile), and whether the activation's channels are its inner dimension.
+    Also the one place pixel indices are checked to fit the kernels' int32 pixel arithmetic."""
+    if pixels > INT32_MAX:
+        raise ValueError(f"triton backend: {pixels} pixels (batch x output height x width) exceed 2**31 - 1; "
+                         "split the batch")
+    return dict(M_BUCKET=triton.next_power_of_2(pixels), CHANNELS_INNER=int(activation.stride(1) == 1))
+
+
+def _grid(pixels: int, per_tile: int):
+    """A 1-D grid of pixel tiles x ``per_tile`` programs each (see kernels.py: no axis-1 limit)."""
+    def grid(meta):
+        size = triton.cdiv(pixels, meta["BLOCK_M"]) * per_tile
+        if size > INT32_MAX:
+            raise ValueError(f"triton backend: {size} programs exceed the grid's 2**31 - 1; split the batch")
+        return (size,)
+
+    return grid
+
+
 class _TritonLauncher:
     def conv2d_forward(self, x, values, row_ptr, col_idx, slot, bias, prob: ConvProblem, y) -> None:
-        m = prob.out_pixels
-        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), row_ptr.numel() - 1)  # noqa: E731
+        m, rows = prob.out_pixels, row_ptr.numel() - 1
         with _on_device(x):
-            kernels.forward_kernel[grid](
+            kernels.forward_kernel[_grid(m, rows)](
                 x, values, row_ptr, col_idx, slot, values if bias is None else bias, y,
-                M=m, **prob.kernel_args(values.shape[2]), **stride_args("x", x), **stride_args("y", y),
+                **_tuning_args(m, x), ROWS=rows, M=m, **prob.kernel_args(values.shape[2]),
+                **stride_args("x", x), **stride_args("y", y),
                 HAS_BIAS=bias is not None, **_blocks(*values.shape[1:], values.dtype),
             )
 
     def conv2d_grad_input(self, dy, values, col_ptr, row_idx, tslot, prob: ConvProblem, dx) -> None:
         m = prob.in_pixels
-        blocks_per_tap = prob.blocks_per_tap(values.shape[2])
-        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), blocks_per_tap)  # noqa: E731
         with _on_device(dy):
-            kernels.grad_input_kernel[grid](
-                dy, values, col_ptr, row_idx, tslot, dx,
+            kernels.grad_input_kernel[_grid(m, prob.blocks_per_tap(values.shape[2]))](
+                dy, values, col_ptr, row_idx, tslot, dx, **_tuning_args(m, dy),
                 M=m, **prob.kernel_args(values.shape[2]), **stride_args("y", dy), **stride_args("x", dx),
                 **_blocks(*values.shape[1:], values.dtype),
             )
@@ -65,7 +87,7 @@ class _TritonLauncher:
         n_out = entries.rows.numel()
         with _on_device(x):
             kernels.grad_blocks_kernel[(n_out, split)](
-                dy, x, entries.rows, entries.cols, entries.outs, out,
+                dy, x, entries.rows, entries.cols, entries.outs, out, **_tuning_args(prob.out_pixels, x),
                 M=prob.out_pixels, CHUNK=chunk, NB=n_out, **prob.kernel_args(bi),
                 **stride_args("y", dy), **stride_args("x", x),
                 SPLIT=split, SQUARED_NORM=squared_norm, **_blocks(bo, bi, x.dtype),

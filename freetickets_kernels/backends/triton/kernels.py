@@ -16,12 +16,26 @@ special case.  Accumulation is fp32.
 The geometry arguments are passed by name (``ConvProblem.kernel_args``, the
 vocabulary of backends/implicit_gemm.py); ``sx*`` are the (n, c, h, w) strides
 of the input-side activation (x, dx) and ``sy*`` those of the output side (y, dy).
+Element offsets are int64 (a channel index times a large stride passes 2**31
+first: a column-major linear input's channel stride is the token count).
+
+Grids are one-dimensional (no 65,535 limit on block rows), the block (or
+channel-block) index varying fastest: consecutive programs read the same pixel
+tile of the activation, which stays in L2 while they go through their weights.
+
+Autotuning is keyed on ``TUNE_KEY``: ``M_BUCKET`` (pixels rounded up to a power
+of two), channels, kernel size, stride, ``CHANNELS_INNER`` (the activation's
+channel stride is 1: NHWC or a row-major linear input), block and bias, so a
+new batch size of a shape does not tune again and NCHW / NHWC or 1x1 / 3x3
+problems of equal size do not share a tile.
 """
 
 import triton
 import triton.language as tl
 
 from .tuning import forward_configs, grad_blocks_configs, grad_input_configs, prune
+
+TUNE_KEY = ["M_BUCKET", "CIN", "COUT", "KH", "KW", "SH", "SW", "CHANNELS_INNER", "BO", "BI"]
 
 
 @triton.jit
@@ -30,6 +44,14 @@ def _pixel_coords(offs, OH, OW):
     n = offs // (OH * OW)
     rem = offs % (OH * OW)
     return n.to(tl.int64), rem // OW, rem % OW
+
+
+@triton.jit
+def _offsets(n, c, h, w, sn, sc, sh, sw):
+    """int64 element offsets ``[rows, cols]`` of pixels (n, h, w: one per row) and channels (c: one
+    per column) in an activation of (n, c, h, w) strides ``sn, sc, sh, sw``."""
+    return (n.to(tl.int64)[:, None] * sn + c.to(tl.int64)[None, :] * sc + h.to(tl.int64)[:, None] * sh
+            + w.to(tl.int64)[:, None] * sw)
 
 
 @triton.jit
@@ -42,11 +64,11 @@ def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
-@triton.autotune(configs=forward_configs(), key=["M", "CIN", "COUT", "BO", "BI"],
+@triton.autotune(configs=forward_configs(), key=TUNE_KEY + ["HAS_BIAS"],
                  prune_configs_by={"early_config_prune": prune}, cache_results=True)
 @triton.jit
 def forward_kernel(
-    x, values, row_ptr, col_idx, slot, bias, y,
+    x, values, row_ptr, col_idx, slot, bias, y, M_BUCKET, CHANNELS_INNER, ROWS,
     M, CIN, H, W, COUT, OH, OW, KH, KW, BLOCKS_PER_TAP, SH, SW, PH, PW, DH, DW,
     sxn, sxc, sxh, sxw, syn, syc, syh, syw,
     BO: tl.constexpr, BI: tl.constexpr, PBO: tl.constexpr, PBI: tl.constexpr,
@@ -54,10 +76,11 @@ def forward_kernel(
 ):
     """``y[m, r-block] = sum over live (r, c) of x_tap(c)[m, cb(c)] @ values[slot].T``.
 
-    Grid: (pixel tiles, block rows).  Dead blocks are never visited.
+    Grid: pixel tiles x ``ROWS`` block rows, the block row fastest.  Dead blocks are never visited.
     """
-    pid_m = tl.program_id(0)
-    r = tl.program_id(1)
+    pid = tl.program_id(0)
+    pid_m = pid // ROWS
+    r = pid % ROWS
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < M
     n, oh, ow = _pixel_coords(offs_m, OH, OW)
@@ -77,7 +100,7 @@ def forward_kernel(
         ih = ih0 + (tap // KW) * DH
         iw = iw0 + (tap % KW) * DW
         pix_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        x_ptrs = x + n[:, None] * sxn + ch[None, :] * sxc + ih[:, None] * sxh + iw[:, None] * sxw
+        x_ptrs = x + _offsets(n, ch, ih, iw, sxn, sxc, sxh, sxw)
         xt = tl.load(x_ptrs, mask=pix_ok[:, None] & ((offs_i < BI) & (ch < CIN))[None, :], other=0.0)
         wt = tl.load(values + s * (BO * BI) + w_offs, mask=w_ok, other=0.0)
         acc = _dot(xt, wt, acc, PRECISION, UPCAST)
@@ -85,15 +108,15 @@ def forward_kernel(
     co_ok = (offs_o < BO) & (co < COUT)
     if HAS_BIAS:
         acc += tl.load(bias + co, mask=co_ok, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = y + n[:, None] * syn + co[None, :] * syc + oh[:, None] * syh + ow[:, None] * syw
+    y_ptrs = y + _offsets(n, co, oh, ow, syn, syc, syh, syw)
     tl.store(y_ptrs, acc.to(y.dtype.element_ty), mask=m_ok[:, None] & co_ok[None, :])
 
 
-@triton.autotune(configs=grad_input_configs(), key=["M", "CIN", "COUT", "BO", "BI"],
+@triton.autotune(configs=grad_input_configs(), key=TUNE_KEY,
                  prune_configs_by={"early_config_prune": prune}, cache_results=True)
 @triton.jit
 def grad_input_kernel(
-    dy, values, col_ptr, row_idx, tslot, dx,
+    dy, values, col_ptr, row_idx, tslot, dx, M_BUCKET, CHANNELS_INNER,
     M, CIN, H, W, COUT, OH, OW, KH, KW, BLOCKS_PER_TAP, SH, SW, PH, PW, DH, DW,
     syn, syc, syh, syw, sxn, sxc, sxh, sxw,
     BO: tl.constexpr, BI: tl.constexpr, PBO: tl.constexpr, PBI: tl.constexpr,
@@ -101,11 +124,12 @@ def grad_input_kernel(
 ):
     """``dx[m, cb] = sum over taps t, live (r, t*BLOCKS_PER_TAP+cb) of dy_t[m, r-block] @ values[tslot]``.
 
-    ``M`` counts *input* pixels.  Grid: (input-pixel tiles, channel blocks).
-    The column-major indices give, per column block, its live block rows.
+    ``M`` counts *input* pixels.  Grid: input-pixel tiles x ``BLOCKS_PER_TAP`` channel blocks, the
+    channel block fastest.  The column-major indices give, per column block, its live block rows.
     """
-    pid_m = tl.program_id(0)
-    cb = tl.program_id(1)
+    pid = tl.program_id(0)
+    pid_m = pid // BLOCKS_PER_TAP
+    cb = pid % BLOCKS_PER_TAP
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < M
     n, ih, iw = _pixel_coords(offs_m, H, W)
@@ -129,21 +153,21 @@ def grad_input_kernel(
             r = tl.load(row_idx + q)
             s = tl.load(tslot + q).to(tl.int64)
             co = r * BO + offs_o
-            dy_ptrs = dy + n[:, None] * syn + co[None, :] * syc + oh[:, None] * syh + ow[:, None] * syw
+            dy_ptrs = dy + _offsets(n, co, oh, ow, syn, syc, syh, syw)
             dyt = tl.load(dy_ptrs, mask=pix_ok[:, None] & ((offs_o < BO) & (co < COUT))[None, :], other=0.0)
             wt = tl.load(values + s * (BO * BI) + w_offs, mask=w_ok, other=0.0)
             acc = _dot(dyt, wt, acc, PRECISION, UPCAST)
     ch = cb * BI + offs_i
-    dx_ptrs = dx + n[:, None] * sxn + ch[None, :] * sxc + ih[:, None] * sxh + iw[:, None] * sxw
+    dx_ptrs = dx + _offsets(n, ch, ih, iw, sxn, sxc, sxh, sxw)
     tl.store(dx_ptrs, acc.to(dx.dtype.element_ty),
              mask=m_ok[:, None] & ((offs_i < BI) & (ch < CIN))[None, :])
 
 
-@triton.autotune(configs=grad_blocks_configs(), key=["M", "CIN", "COUT", "BO", "BI", "SPLIT"],
+@triton.autotune(configs=grad_blocks_configs(), key=TUNE_KEY + ["SPLIT", "SQUARED_NORM"],
                  prune_configs_by={"early_config_prune": prune}, cache_results=True)
 @triton.jit
 def grad_blocks_kernel(
-    dy, x, ent_row, ent_col, ent_out, out,
+    dy, x, ent_row, ent_col, ent_out, out, M_BUCKET, CHANNELS_INNER,
     M, CHUNK, NB, CIN, H, W, COUT, OH, OW, KH, KW, BLOCKS_PER_TAP, SH, SW, PH, PW, DH, DW,
     syn, syc, syh, syw, sxn, sxc, sxh, sxw,
     BO: tl.constexpr, BI: tl.constexpr, PBO: tl.constexpr, PBI: tl.constexpr,
@@ -182,9 +206,9 @@ def grad_blocks_kernel(
         ih = oh * SH - PH + ki * DH
         iw = ow * SW - PW + kj * DW
         pix_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        dy_ptrs = dy + n[:, None] * syn + co[None, :] * syc + oh[:, None] * syh + ow[:, None] * syw
+        dy_ptrs = dy + _offsets(n, co, oh, ow, syn, syc, syh, syw)
         dyt = tl.load(dy_ptrs, mask=m_ok[:, None] & co_ok[None, :], other=0.0)
-        x_ptrs = x + n[:, None] * sxn + ch[None, :] * sxc + ih[:, None] * sxh + iw[:, None] * sxw
+        x_ptrs = x + _offsets(n, ch, ih, iw, sxn, sxc, sxh, sxw)
         xt = tl.load(x_ptrs, mask=pix_ok[:, None] & ch_ok[None, :], other=0.0)
         acc = _dot(tl.trans(dyt), xt, acc, PRECISION, UPCAST)
     if SQUARED_NORM and SPLIT == 1:

@@ -1,14 +1,18 @@
 """Tile configurations the Triton kernels are autotuned over, and numeric precision.
 
-Each kernel is tuned per (pixels, channels, block size, dtype) key; Triton
-keeps the winner in memory and, with ``cache_results``, on disk under
+Each kernel is tuned per key (kernels.TUNE_KEY: pixels bucketed to a power of
+two, channels, kernel size, stride, memory format, block, dtype); Triton keeps
+the winner in memory and, with ``cache_results``, on disk under
 ``TRITON_CACHE_DIR`` so later processes skip the search.  Under
 ``TRITON_INTERPRET=1`` (CPU correctness runs) one small config is used: the
-interpreter's speed says nothing about a GPU's.
+interpreter's speed says nothing about a GPU's.  ``FREETICKETS_TRITON_AUTOTUNE=0``
+uses each kernel's first config without a search (a correctness run on a GPU:
+one compilation per kernel instead of one per config).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Dict, List
 
 import torch
@@ -18,6 +22,15 @@ from .. import triton_interpreted as interpreted
 
 
 _INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 16}, num_warps=4, num_stages=1)
+AUTOTUNE_ENV = "FREETICKETS_TRITON_AUTOTUNE"
+
+
+def autotuning() -> bool:
+    """Whether the kernels search their configs (``FREETICKETS_TRITON_AUTOTUNE``, default on)."""
+    value = os.environ.get(AUTOTUNE_ENV, "1").strip().lower()
+    if value not in ("0", "1", "false", "true", "off", "on", "no", "yes"):
+        raise ValueError(f"{AUTOTUNE_ENV} must be 0 or 1, got {value!r}")
+    return value in ("1", "true", "on", "yes")
 
 
 def _configs(shapes: List[tuple]) -> List[triton.Config]:
@@ -39,13 +52,14 @@ def grad_blocks_configs() -> List[triton.Config]:
 
 
 def prune(configs: List[triton.Config], named_args: Dict, **kwargs) -> List[triton.Config]:
-    """Drop tiles too big for the block (registers) and use one config in the interpreter."""
+    """Drop tiles too big for the block (registers); one config in the interpreter, and the first
+    kept one with autotuning off."""
     if interpreted():
         return [_INTERPRETER_CONFIG]
     pbo, pbi = named_args.get("PBO", kwargs.get("PBO")), named_args.get("PBI", kwargs.get("PBI"))
     big = pbo is not None and pbi is not None and pbo * pbi >= 128 * 128
-    kept = [c for c in configs if not (big and c.kwargs["BLOCK_M"] > 128)]
-    return kept or configs[:1]
+    kept = [c for c in configs if not (big and c.kwargs["BLOCK_M"] > 128)] or configs[:1]
+    return kept if autotuning() else kept[:1]
 
 
 def dot_precision(dtype: torch.dtype) -> str:
