@@ -142,3 +142,18 @@ def test_conv2d_strided_views(kernel, view):
         got = ftk.block_sparse_conv2d(pick(base), values.bfloat16(), layout, padding=1)
         want = ftk.block_sparse_conv2d(pick(base.float()), values.bfloat16().float(), layout, padding=1)
     assert got.stride() == want.stride()
+
+
+@pytest.mark.parametrize("kernel", _kernels())
+def test_pointwise_conv_read_in_place_and_streamed_results(kernel):
+    # a channels-last 1x1 conv whose channels fill its blocks is read in place; a result of more than
+    # 4 MB is written with streaming stores; most output blocks have no live block (bias only)
+    from freetickets_kernels.backends import cpu
+
+    cpu.set_isa(kernel)
+    layout, values, x = random_conv_problem(640, 64, (1, 1), (32, 32), 0.1, 4, (33, 31), "channels_last")
+    assert layout.nnzb > 0 and 4 * 33 * 31 * 640 * 2 > 4 << 20
+    _compare(lambda x, v, b: ftk.block_sparse_conv2d(x, v, layout, b), [x, values, torch.randn(640)])
+    # the same weights over views that are not the dense channels-last input: padded copies instead
+    for view in (x[:, :, 1:], x[:, :, :, ::2]):
+        _compare(lambda x, v: ftk.block_sparse_conv2d(x, v, layout), [view, values])

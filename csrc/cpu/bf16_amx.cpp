@@ -75,7 +75,10 @@ void amx_begin() {
   static const TileConfig config;
   _tile_loadconfig(&config);
 }
-void amx_end() { _tile_release(); }
+void amx_end() {
+  _mm_sfence();  // the streamed stores of store_rows, before the op's threads join
+  _tile_release();
+}
 
 }  // namespace
 

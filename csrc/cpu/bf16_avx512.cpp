@@ -46,11 +46,12 @@ void avx512_block(const Bf16Block& b) {
 }
 
 void nothing() {}
+void fence() { _mm_sfence(); }  // the streamed stores of store_rows, before the op's threads join
 
 }  // namespace
 
 const Bf16Kernel& bf16_avx512() {
-  static const Bf16Kernel k{"avx512_bf16", nothing, avx512_block, nothing};
+  static const Bf16Kernel k{"avx512_bf16", nothing, avx512_block, fence};
   return k;
 }
 }  // namespace ftk_cpu

@@ -11,7 +11,10 @@
 // stored (Wv - out_w of every Wv).  Grad-input (stride 1) is the forward
 // conv of grad_out with flipped taps and transposed blocks; grad-values
 // reduces over the padded pixels with grad_out^T placed on the same grid.
-// Strided grad-input and grad-values take the widened path.
+// Strided grad-input and grad-values take the widened path.  A 1x1,
+// stride-1, unpadded conv of a channels-last input whose channels fill its
+// blocks (ResNet's pointwise convs) needs no copy: the padded copy would be
+// the input itself, so its GEMM reads the input in place.
 #include "internal.h"
 
 namespace ftk_cpu {
@@ -79,12 +82,43 @@ struct ConvTerm {
   int64_t i, j, channel, b_block;
 };
 
+// Whether the padded copy of `src` for `g` would be `src` itself: a 1x1, stride-1, unpadded conv of a
+// channels-last input of exactly `cp` channels (every pixel's channels contiguous, pixels one after another).
+bool reads_in_place(const at::Tensor& src, int64_t cp, const Geom& g) {
+  return g.kh == 1 && g.kw == 1 && g.sh == 1 && g.sw == 1 && g.ph == 0 && g.pw == 0 && src.size(1) == cp &&
+         (src.size(1) == 1 || src.stride(1) == 1) && (g.w == 1 || src.stride(3) == cp) &&
+         (g.h == 1 || src.stride(2) == g.w * cp) && (g.n == 1 || src.stride(0) == g.h * g.w * cp);
+}
+
 // out [N, C_out, oh, ow] (bf16, any strides) = the implicit GEMM over `src`
 // with the conv (kh, kw, stride, padding, dilation) whose output chunk j
 // (32 channels from chunk_col[j]) sums its terms.
 void implicit_gemm(const Bf16Kernel& k, const at::Tensor& src, int64_t cp, const Geom& g,
                    const std::vector<int64_t>& chunk_ptr, const std::vector<int64_t>& chunk_col,
                    const std::vector<ConvTerm>& terms, const at::Tensor& packed, const float* bias, at::Tensor& out) {
+  uint16_t* base = static_cast<uint16_t*>(out.data_ptr());
+  const int64_t sn = out.stride(0), sy = out.stride(2), sx = out.stride(3);
+  auto run = [&](Bf16Gemm& gemm, const Padded* p, Bf16OutRow out_row) {
+    gemm.chunk_ptr = chunk_ptr;
+    gemm.chunk_col = chunk_col;
+    gemm.out_cols = out.size(1);
+    gemm.bias = bias;
+    gemm.out_col_stride = out.stride(1);
+    for (const ConvTerm& t : terms) {
+      const int64_t pixel = p ? p->pixel(t.i * g.dh, t.j * g.dw, g.sh) : 0;
+      gemm.terms.push_back({(pixel * cp + t.channel) * 2, t.b_block * kBf16PackedBlock * 2});
+    }
+    bf16_gemm(k, gemm, out_row);
+  };
+  if (reads_in_place(src, cp, g)) {
+    // one GEMM row per pixel; the last row tile's rows past the input come from a zeroed copy (bf16_gemm)
+    const int64_t pixels = g.n * g.h * g.w, hw = g.h * g.w;
+    Bf16Gemm gemm{pixels, bytes(src), cp * 2, pixels, bytes(packed)};
+    run(gemm, nullptr, [&](int64_t m) -> uint16_t* {
+      return base + m / hw * sn + m % hw / g.w * sy + m % g.w * sx;
+    });
+    return;
+  }
   const int64_t wv = cdiv(g.w + 2 * g.pw, g.sw), rpi = cdiv(g.oh * wv, kTile) * kTile;
   // The last tile of an image reads rpi virtual pixels (sw apart) from its
   // farthest tap on: past the image, into zeros after the last one.
@@ -92,20 +126,10 @@ void implicit_gemm(const Bf16Kernel& k, const at::Tensor& src, int64_t cp, const
   int64_t far = 0;
   for (int64_t i = 0; i < g.kh; ++i) far = std::max(far, shape.pixel(i * g.dh, (g.kw - 1) * g.dw, g.sh));
   const Padded p = padded(src, g.ph, g.pw, g.sh, g.sw, cp, std::max<int64_t>(0, far + g.sw * rpi - shape.image_pixels) + 1);
-  const int64_t lda = g.sw * cp * 2;
-  Bf16Gemm gemm{g.n * rpi, bytes(p.buf), lda, std::numeric_limits<int64_t>::max(), bytes(packed)};
+  Bf16Gemm gemm{g.n * rpi, bytes(p.buf), g.sw * cp * 2, std::numeric_limits<int64_t>::max(), bytes(packed)};
   gemm.rows_per_image = rpi;
   gemm.image_bytes = p.image_pixels * cp * 2;
-  gemm.chunk_ptr = chunk_ptr;
-  gemm.chunk_col = chunk_col;
-  gemm.out_cols = out.size(1);
-  gemm.bias = bias;
-  gemm.out_col_stride = out.stride(1);
-  for (const ConvTerm& t : terms)
-    gemm.terms.push_back({(p.pixel(t.i * g.dh, t.j * g.dw, g.sh) * cp + t.channel) * 2, t.b_block * kBf16PackedBlock * 2});
-  uint16_t* base = static_cast<uint16_t*>(out.data_ptr());
-  const int64_t sn = out.stride(0), sy = out.stride(2), sx = out.stride(3);
-  bf16_gemm(k, gemm, [&](int64_t m) -> uint16_t* {
+  run(gemm, &p, [&](int64_t m) -> uint16_t* {
     const int64_t img = m / rpi, v = m % rpi, y = v / wv, x = v % wv;
     return y < g.oh && x < g.ow ? base + img * sn + y * sy + x * sx : nullptr;
   });

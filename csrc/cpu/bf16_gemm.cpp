@@ -88,6 +88,8 @@ at::Tensor bf16_grad_values(const Bf16Kernel& k, const uint8_t* a, int64_t lda, 
   return dv;
 }
 
+constexpr int64_t kStreamBytes = int64_t(4) << 20;
+
 void bf16_gemm(const Bf16Kernel& k, const Bf16Gemm& g, Bf16OutRow out_row) {
   constexpr int64_t kTile = 2 * kBf16TileRows;
   const int64_t tiles = cdiv(g.rows, kTile), chunks = int64_t(g.chunk_col.size());
@@ -97,6 +99,9 @@ void bf16_gemm(const Bf16Kernel& k, const Bf16Gemm& g, Bf16OutRow out_row) {
   // streams in order.  Panels of row tiles that keep a chunk's B in L1
   // instead measured slower (docs/cpu-backend.md, "bf16 kernels").
   const int64_t groups = std::min<int64_t>(chunks, cdiv(8 * at::get_num_threads(), tiles));
+  // Results larger than the caches go straight to memory: a plain store reads each line first
+  // (kStreamBytes: a few MB, past one core's L2 on the machines measured).
+  const bool stream = g.rows * g.out_cols * 2 > kStreamBytes;
   const int64_t per_group = cdiv(chunks, groups);
   share_items(tiles * groups, [&](int64_t begin, int64_t end) {
     std::vector<uint8_t> tail;  // a row tile past a_readable: its rows, zero-padded
@@ -125,7 +130,7 @@ void bf16_gemm(const Bf16Kernel& k, const Bf16Gemm& g, Bf16OutRow out_row) {
         for (int64_t t = 0; t < kTile; ++t) out_rows[t] = rows_out[t] ? rows_out[t] + col * g.out_col_stride : nullptr;
         Bf16Block block{row_tiles, a, g.lda, g.b, g.ldb, g.b_half, g.terms.data() + g.chunk_ptr[j],
                         g.chunk_ptr[j + 1] - g.chunk_ptr[j], int(std::min<int64_t>(kBf16Cols, g.out_cols - col)),
-                        g.bias ? g.bias + col : nullptr, out_rows, g.out_col_stride};
+                        g.bias ? g.bias + col : nullptr, out_rows, g.out_col_stride, stream};
         k.block(block);
       }
     }

@@ -42,6 +42,7 @@ struct Bf16Block {
   const float* bias;             // 32 floats added before rounding, or nullptr
   uint16_t* const* out_rows;     // [16 * row_tiles]: where row t's column 0 goes; nullptr: not stored
   int64_t out_col_stride;        // elements between stored columns
+  bool stream = false;           // write whole 64-byte result rows with streaming stores (outputs far past L2)
 };
 
 // One bf16 kernel: `begin` once per thread and op call before its blocks
