@@ -110,7 +110,7 @@ class _Case:
             _, batch, cin, cout, k, hw, stride, padding = spec
             weight_shape, x_shape, self.geo = (cout, cin, k, k), (batch, cin, hw, hw), (stride, padding)
         values, layout = BlockSparseLayout.from_dense(torch.randn(weight_shape), block, density=density)
-        self.live_density = layout.density  # what the kernels see: whole blocks, at least none
+        self.live_density = layout.density  # the density the kernels see: whole blocks, maybe none
         self.layout = layout.to(device)
         self.values = values.to(device, dtype)
         self.weight = self.layout.unpack(self.values)
