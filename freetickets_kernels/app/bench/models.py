@@ -143,14 +143,19 @@ def _row(case: _DenseCase, group: List[nn.Module], kind: str, block, density: fl
                 checkpoint_MB=sum(_checkpoint_mb(g) for g in group))
 
 
+def _in_format(t, args: argparse.Namespace):
+    """A model or an input batch in the run's memory format (``--channels-last``)."""
+    return t.to(memory_format=torch.channels_last) if args.channels_last else t
+
+
 def _dense_case(name: str, args: argparse.Namespace) -> Tuple[_DenseCase, dict]:
     _, default_size, classes = MODEL_SPECS[name]
     size = args.image_size or default_size
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(args.batch_size, 3, size, size, generator=g)
+    x = _in_format(torch.randn(args.batch_size, 3, size, size, generator=g), args)
     y = torch.randint(0, classes, (args.batch_size,), generator=g)
     torch.manual_seed(0)
-    dense = _build(name)
+    dense = _in_format(_build(name), args)
     timings = _timings([dense], x, y, args.repeats, args.update_interval, args.precision)
     case = _DenseCase(name, {"model": name, "image": size, "batch": args.batch_size, "precision": args.precision},
                       x, y, dense, timings,
@@ -165,7 +170,7 @@ def _sparse_rows(case: _DenseCase, block: int, density: float, args: argparse.Na
         torch.manual_seed(seed)
         member = _build(case.name) if seed else copy.deepcopy(case.model)
         sparsify(member, density, block, "erk", criterion="random")
-        members.append(member)
+        members.append(_in_format(member, args))
     forward_flops = count_flops(members[0], case.x).forward
     return [_row(case, group, kind, block, density, _timings(group, case.x, case.y, args.repeats,
                                                              args.update_interval, args.precision),
@@ -236,6 +241,8 @@ def add_arguments(parser: argparse.ArgumentParser, out_default: str) -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement; the median is kept")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                         help="bf16: every model (dense and sparse) under torch.autocast('cpu', bfloat16)")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="inputs and every model (dense and sparse) in channels_last memory format")
     parser.add_argument("--update-interval", type=int, default=100,
                         help="DST update amortised over this many training steps (default 100)")
     parser.add_argument("--quick", action="store_true",
@@ -281,7 +288,8 @@ def run(args: argparse.Namespace) -> int:
     name = args.name or ("models_quick" if args.quick else "models")
     lines = headline(rows, args.members)
     precision = "float32" if args.precision == "fp32" else "bf16 autocast (fp32 master weights)"
-    notes = (f"{precision}, {args.threads} threads, batch {args.batch_size}, median of {args.repeats}; ERK densities; "
+    layout = ", channels_last" if args.channels_last else ""
+    notes = (f"{precision}{layout}, {args.threads} threads, batch {args.batch_size}, median of {args.repeats}; ERK densities; "
              f"train step = forward + backward + SGD step + one RigL update / {args.update_interval} steps; "
              "ideal = dense FLOPs / sparse FLOPs (ours); gflops_counter = torch FlopCounterMode on the same "
              "forward.\n\n" + "\n".join(f"- {line}" for line in lines))
