@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Callable, List, NamedTuple, Optional, Tuple
+from typing import Callable, NamedTuple, Optional, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
@@ -30,6 +30,7 @@ import torch  # noqa: E402
 import freetickets_kernels as ftk  # noqa: E402
 from freetickets_kernels.backends.implicit_gemm import split_count  # noqa: E402
 from freetickets_kernels.layout import BlockSparseLayout  # noqa: E402
+from freetickets_kernels.testing import assert_close_scaled, run_op, upstream_grad  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # rtol, and atol per unit of max|ref|: half types round every stored output (tests/test_gpu.py's)
@@ -83,27 +84,16 @@ def _norms(case: Case, layout: BlockSparseLayout, x: torch.Tensor, gy: torch.Ten
     return ftk.ops.dense_grad_block_norms(x, gy, layout.to(x.device), *case.conv)  # conv: stride, padding, dilation
 
 
-def _run(backend: str, fn: Callable, inputs: List[torch.Tensor], grad: torch.Tensor):
-    leaves = [t.detach().clone().requires_grad_() for t in inputs]
-    with ftk.use_backend(backend):
-        out = fn(*leaves)
-        out.backward(grad.to(out.device, out.dtype))
-    return [out.detach()] + [t.grad for t in leaves]
-
-
 def _to(t: torch.Tensor, device, dtype) -> torch.Tensor:
     """``t`` on ``device`` in ``dtype`` with its strides (channels_last, column-major) kept."""
     return torch.empty_strided(t.shape, t.stride(), dtype=dtype, device=device).copy_(t)
 
 
 def _compare(got: torch.Tensor, ref: torch.Tensor, tol: float) -> Optional[str]:
-    if ref.numel() == 0:
-        return None if got.numel() == 0 else f"expected an empty result, got {tuple(got.shape)}"
-    scale = max(1.0, ref.abs().max().item())
     try:
-        torch.testing.assert_close(got.detach().cpu().double(), ref, rtol=tol, atol=tol * scale)
+        assert_close_scaled(got.detach(), ref, rtol=tol, atol=tol)
     except AssertionError as exc:
-        return " ".join(str(exc).split())[:300]
+        return " ".join(str(exc).split())[:300] or "an empty result expected"
     return None
 
 
@@ -115,11 +105,9 @@ def check(case: Case, backend: str, dtype: torch.dtype, device: torch.device) ->
                                                   density=case.density)
     x, bias = _input(case, gen), torch.randn(case.weight_shape[0], generator=gen, dtype=torch.float64)
     fn = _op(case, layout)
-    with ftk.use_backend("reference"):
-        y = fn(x, values, bias)
-    grad = torch.randn(y.shape, generator=gen, dtype=torch.float64)
-    ref = _run("reference", fn, [x, values, bias], grad)
-    got = _run(backend, fn, [_to(x, device, dtype), _to(values, device, dtype), _to(bias, device, dtype)], grad)
+    ref = run_op("reference", fn, [x, values, bias])
+    got = run_op(backend, fn, [_to(x, device, dtype), _to(values, device, dtype), _to(bias, device, dtype)])
+    grad = upstream_grad(ref[0].shape)  # the one run_op fed both backwards
     with ftk.use_backend("reference"):
         ref.append(_norms(case, layout, x, grad))
     with ftk.use_backend(backend):

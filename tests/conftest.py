@@ -23,6 +23,7 @@ import torch  # noqa: E402
 
 import freetickets_kernels as ftk  # noqa: E402
 from freetickets_kernels.layout import BlockSparseLayout  # noqa: E402
+from freetickets_kernels.testing import assert_close_scaled, run_op  # noqa: E402,F401  (the tests import them from here)
 
 
 def pytest_addoption(parser):
@@ -55,27 +56,6 @@ def random_conv_problem(cout, cin, kernel, block, density, batch, hw, fmt="conti
     if fmt == "channels_last":
         x = x.to(memory_format=torch.channels_last)
     return layout, random_values(layout, dtype=torch.float32), x
-
-
-def assert_close_scaled(got, ref, rtol, atol):
-    """``assert_close`` with ``atol`` scaled by max(1, max|ref|): half-type outputs are
-    rounded sums whose error grows with their magnitude."""
-    if ref.numel() == 0:
-        assert got.numel() == 0
-        return
-    scale = max(1.0, ref.abs().max().item())
-    torch.testing.assert_close(got.cpu().double(), ref, rtol=rtol, atol=atol * scale)
-
-
-def run_op(backend, fn, inputs, grad_seed=7):
-    """Forward and backward of ``fn(*inputs)`` on ``backend``; returns (out, grads...)."""
-    leaves = [t.detach().clone().requires_grad_(t.dtype.is_floating_point) if t is not None else None
-              for t in inputs]
-    with ftk.use_backend(backend):
-        out = fn(*leaves)
-        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=torch.float64)
-        out.backward(g.to(out.dtype))
-    return [out.detach()] + [t.grad if t is not None else None for t in leaves]
 
 
 @pytest.fixture(autouse=True)

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 import torch
+from torch import nn
 from torch.utils.data import Dataset
 
 from ..ensemble.evaluation import member_logits
@@ -51,12 +53,40 @@ def _per_epoch(run: RunResult) -> Optional[float]:
     return run.seconds / len(run.history) if run.history else None
 
 
-def summarize(ensemble: RunResult, ensemble_runner: PlanRunner, test: Dataset, example: torch.Tensor,
-              dense: Optional[RunResult] = None, dense_runner: Optional[PlanRunner] = None,
-              latency_repeats: int = 20, shift: Optional[ShiftSets] = None) -> Dict[str, object]:
-    """Evaluate the members (and the dense baseline) on ``test`` and on the ``shift`` sets; count FLOPs
-    and time inference on ``example`` (one batch)."""
+@dataclass
+class DenseBaseline:
+    """The dense baseline of one seed, evaluated once for every method's summary: its run, its model
+    (timed again beside each method's members), its row without latency, its calibration bins."""
+
+    run: RunResult
+    model: nn.Module
+    row: dict
+    calibration: List[dict]
+
+
+def evaluate_dense(dense: RunResult, dense_runner: PlanRunner, test: Dataset, example: torch.Tensor,
+                   shift: Optional[ShiftSets] = None) -> DenseBaseline:
+    """The dense baseline on ``test`` and the ``shift`` sets, its FLOPs on ``example`` and its size."""
     shift = shift or ShiftSets()
+    device, batch = dense_runner.device, dense_runner.config.batch_size
+    model = dense_runner.member_model(dense.members[0])
+    with precision_context(device, dense.config.precision):
+        logits, targets = member_logits([model], test, batch, device)
+        shifted = evaluate_shift([model], shift, logits, batch, device)[0]
+    flops = count_flops(model, example)
+    row = {"model": "dense", **single_metrics(logits[0], targets), **shifted,
+           "train_flops": flops.training(dense.counters["samples"]), "train_s": dense.seconds,
+           "inference_flops": flops.forward, **parameter_count(model)}
+    return DenseBaseline(dense, model, row, calibration_bins(logits[0].double().softmax(-1), targets))
+
+
+def summarize(ensemble: RunResult, ensemble_runner: PlanRunner, test: Dataset, example: torch.Tensor,
+              baseline: Optional[DenseBaseline] = None, latency_repeats: int = 20,
+              shift: Optional[ShiftSets] = None) -> Dict[str, object]:
+    """Evaluate the members on ``test`` and on the ``shift`` sets beside the dense ``baseline``
+    (:func:`evaluate_dense`); count FLOPs and time inference on ``example`` (one batch)."""
+    shift = shift or ShiftSets()
+    dense = baseline.run if baseline is not None else None
     device = ensemble_runner.device
     batch = ensemble_runner.config.batch_size
     members = [ensemble_runner.member_model(m) for m in ensemble.members]
@@ -74,18 +104,10 @@ def summarize(ensemble: RunResult, ensemble_runner: PlanRunner, test: Dataset, e
     rows: List[dict] = []
     calibration = {"ensemble": metrics["calibration"]}
     dense_row = None
-    if dense is not None:
-        dense_model = dense_runner.member_model(dense.members[0])
-        with in_precision():
-            dense_logits, _ = member_logits([dense_model], test, batch, device)
-            dense_shifted = evaluate_shift([dense_model], shift, dense_logits, batch, device)[0]
-        dense_metrics = {**single_metrics(dense_logits[0], targets), **dense_shifted}
-        calibration["dense"] = calibration_bins(dense_logits[0].double().softmax(-1), targets)
-        dense_flops = count_flops(dense_model, example)
-        timed = {"dense": [dense_model], **timed}
-        dense_row = {"model": "dense", **dense_metrics,
-                     "train_flops": dense_flops.training(dense.counters["samples"]), "train_s": dense.seconds,
-                     "inference_flops": dense_flops.forward, **parameter_count(dense_model)}
+    if baseline is not None:
+        calibration["dense"] = baseline.calibration
+        timed = {"dense": [baseline.model], **timed}
+        dense_row = dict(baseline.row)  # this summary's copy: its latency and ratios are its own
     with in_precision():
         latency = inference_latency(timed, example.to(device), repeats=latency_repeats)
     if dense_row is not None:
@@ -98,7 +120,8 @@ def summarize(ensemble: RunResult, ensemble_runner: PlanRunner, test: Dataset, e
             row["train_s"] = ensemble.seconds / m
         rows.append(row)
     rows.append({"model": f"{ENSEMBLE_NAMES.get(method, method)} ensemble (M={m})", "accuracy": metrics["accuracy"],
-                 "nll": metrics["nll"], "ece": metrics["ece"], **shifted[-1], "train_flops": train_flops, "train_s": ensemble.seconds,
+                 "nll": metrics["nll"], "ece": metrics["ece"], **shifted[-1], "train_flops": train_flops,
+                 "train_s": ensemble.seconds,
                  "inference_flops": sum(f.forward for f in flops),
                  "params": sum(p["params"] for p in params),
                  "dense_params": sum(p["dense_params"] for p in params)})

@@ -20,10 +20,7 @@ def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 2,
     On a CUDA ``device`` each run is timed with CUDA events on the current
     stream, so the time is the kernels' and not their launch.
     """
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
-    for _ in range(warmup):
-        fn()
+    _warm(fn, repeats, warmup)
     if torch.device(device).type == "cuda":
         return _median_cuda_seconds(fn, repeats)
     times = []
@@ -56,16 +53,33 @@ def interleaved_median_seconds(fns: Sequence[Callable[[], object]], repeats: int
     return [statistics.median(own) for own in times]
 
 
-def _median_cuda_seconds(fn: Callable[[], object], repeats: int) -> float:
+def _warm(fn: Callable[[], object], repeats: int, warmup: int) -> None:
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    for _ in range(warmup):
+        fn()
+
+
+def _timed_calls(fn: Callable[[], object], repeats: int) -> List[tuple]:
+    """``repeats`` calls of ``fn``, each between two CUDA events on the current stream (not synchronized)."""
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
               for _ in range(repeats)]
-    torch.cuda.synchronize()
     for start, end in events:
         start.record()
         fn()
         end.record()
-    torch.cuda.synchronize()
+    return events
+
+
+def _median_event_seconds(events: List[tuple]) -> float:
     return statistics.median(start.elapsed_time(end) for start, end in events) / 1e3
+
+
+def _median_cuda_seconds(fn: Callable[[], object], repeats: int) -> float:
+    torch.cuda.synchronize()
+    events = _timed_calls(fn, repeats)
+    torch.cuda.synchronize()
+    return _median_event_seconds(events)
 
 
 @functools.lru_cache(maxsize=None)
@@ -90,10 +104,7 @@ def device_median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 
     Returns None when the busy kernel ran out before the calls were all queued even after growing it
     (``fn`` synchronizes with the host, so there is no device-only time to take).
     """
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
-    for _ in range(warmup):
-        fn()
+    _warm(fn, repeats, warmup)
     torch.cuda.synchronize()
     began = time.perf_counter()
     fn()
@@ -102,19 +113,14 @@ def device_median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 
     per_second = _sleep_cycles_per_second(torch.cuda.current_device())
     hide = 2 * host * repeats + 1e-3
     for _ in range(3):
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                  for _ in range(repeats)]
         busy_done = torch.cuda.Event()
         torch.cuda._sleep(int(hide * per_second))
         busy_done.record()
-        for start, end in events:
-            start.record()
-            fn()
-            end.record()
+        events = _timed_calls(fn, repeats)
         held = not busy_done.query()  # still busy: every call was queued before the device reached it
         torch.cuda.synchronize()
         if held:
-            return statistics.median(start.elapsed_time(end) for start, end in events) / 1e3
+            return _median_event_seconds(events)
         hide *= 4
     return None
 

@@ -265,7 +265,7 @@ def _plan(configs: Dict[str, TrainConfig], with_baseline: bool, runner):
 
 
 def run(args: argparse.Namespace) -> int:
-    from .report import combine, format_table, summarize, write_outputs
+    from .report import combine, evaluate_dense, format_table, summarize, write_outputs
 
     _check_requirements(args.dataset)
     device = _device(args.device)
@@ -327,9 +327,10 @@ def run(args: argparse.Namespace) -> int:
         runs = {m: r.run(resume=args.resume) for m, r in ensembles.items()}
         if isinstance(baseline, str):  # the dense ensemble's first member
             dense, dense_runner = first_member_run(runs[baseline]), ensembles[baseline]
-        if distributed.is_main():
+        if distributed.is_main():  # the dense baseline evaluated once, beside every method's members
+            base = evaluate_dense(dense, dense_runner, splits.test, example, shift) if dense is not None else None
             for m, r in ensembles.items():
-                per_method[m].append(summarize(runs[m], r, splits.test, example, dense, dense_runner,
+                per_method[m].append(summarize(runs[m], r, splits.test, example, base,
                                                latency_repeats=args.latency_repeats, shift=shift))
     if not distributed.is_main():
         return 0
