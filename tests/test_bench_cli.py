@@ -66,8 +66,25 @@ def test_model_timings_run_under_bf16_autocast():
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
     net.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
     x, y = torch.randn(2, 3, 2, 2), torch.tensor([0, 2])
-    models._timings([net], x, y, repeats=1, update_interval=1, precision="bf16")
+    models._timings([[net]], x, y, repeats=1, update_interval=1, precision="bf16")
     assert seen and set(seen) == {torch.bfloat16}
     seen.clear()
-    models._timings([net], x, y, repeats=1, update_interval=1)
+    models._timings([[net]], x, y, repeats=1, update_interval=1)
     assert set(seen) == {torch.float32}
+
+
+def test_model_timings_interleave_groups_and_share_members():
+    # every group timed in the same rounds; an ensemble's step is the sum of its members' (each timed once)
+    import torch
+
+    from freetickets_kernels.app.bench import models
+
+    calls = []
+    nets = [torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3)) for _ in range(2)]
+    for i, net in enumerate(nets):
+        net.register_forward_hook(lambda mod, inp, out, i=i: calls.append(i))
+    x, y = torch.randn(2, 3, 2, 2), torch.tensor([0, 2])
+    dense, single, pair = models._timings([[nets[0]], [nets[1]], nets], x, y, repeats=3, update_interval=1)
+    assert calls[:8] == [0, 1, 0, 1] * 2  # each round: the first group, the second, the pair's two
+    assert pair["train_step"] == pytest.approx(dense["train_step"] + single["train_step"])
+    assert all(t["infer"] > 0 for t in (dense, single, pair))

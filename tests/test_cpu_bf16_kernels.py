@@ -111,9 +111,13 @@ CONV_CASES = [
     (70, 40, (3, 3), (64, 32), 0.5, 3, (9, 9), (1, 1), (2, 2), (2, 2)),
     (64, 64, (5, 5), (32, 32), 0.4, 1, (12, 11), (1, 1), (2, 2), (1, 1)),
     (32, 32, (3, 3), (32, 32), 1.0, 1, (1, 1), (1, 1), (1, 1), (1, 1)),
-    # few input channels, each tap's padded to a block (ResNet's stem; dilated, ragged)
+    # few input channels: cin * kw <= 32 folds a kernel row's taps into one reduction chunk
+    # (ResNet's stem; dilated, ragged, strided, 64-wide blocks, exactly 32, one over)
     (64, 3, (7, 7), (32, 32), 0.5, 2, (23, 19), (2, 2), (3, 3), (1, 1)),
     (40, 4, (3, 5), (32, 32), 0.6, 1, (9, 11), (1, 1), (1, 2), (2, 1)),
+    (64, 3, (3, 3), (64, 32), 0.7, 1, (10, 13), (2, 3), (1, 2), (1, 2)),
+    (32, 16, (1, 2), (32, 32), 1.0, 1, (6, 7), (1, 2), (0, 1), (1, 1)),
+    (32, 5, (3, 7), (32, 32), 0.6, 2, (9, 12), (1, 1), (1, 3), (1, 1)),
 ]
 
 
@@ -129,22 +133,36 @@ def test_conv2d(kernel, fmt, cout, cin, ksize, block, density, batch, hw, stride
     _compare(lambda x, v, b: ftk.block_sparse_conv2d(x, v, layout, b, *geo), [x, values, torch.randn(cout)])
 
 
+STRIDED_VIEWS = {
+    # name: (weight shape, stride, padding, channels-last base input, the view of it the op gets)
+    "every_other_row": ((32, 32, 3, 3), 1, 1, (2, 32, 12, 12), lambda t: t[:, :, ::2]),
+    "cropped": ((32, 32, 3, 3), 1, 1, (2, 32, 12, 12), lambda t: t[..., 1:7]),
+    # few channels: the folded copy gathers through the strides (cropped: channels-last runs)
+    "stem every_other_column": ((32, 3, 7, 7), 2, 3, (2, 3, 17, 24), lambda t: t[..., ::2]),
+    "stem cropped": ((32, 3, 7, 7), 2, 3, (2, 3, 17, 24), lambda t: t[:, :, 2:15, 1:12]),
+}
+
+
 @pytest.mark.parametrize("kernel", _kernels())
-@pytest.mark.parametrize("view", ["every_other_row", "cropped"])
+@pytest.mark.parametrize("view", sorted(STRIDED_VIEWS))
 def test_conv2d_strided_views(kernel, view):
     # a strided view is read through its strides; the output takes the float32 op's layout
     from freetickets_kernels.backends import cpu
 
     cpu.set_isa(kernel)
-    layout = random_layout((32, 32, 3, 3), (32, 32), 1.0)
-    values = random_values(layout, dtype=torch.float32)
-    pick = {"every_other_row": lambda t: t[:, :, ::2], "cropped": lambda t: t[..., 1:7]}[view]
-    base = torch.randn(2, 32, 12, 12).bfloat16().to(memory_format=torch.channels_last)
-    _compare(lambda x, v: ftk.block_sparse_conv2d(x, v, layout, padding=1), [pick(base).float(), values])
+    weight_shape, stride, padding, base_shape, pick = STRIDED_VIEWS[view]
+    layout = random_layout(weight_shape, (32, 32), 0.6)
+    v = random_values(layout, dtype=torch.float32).bfloat16()
+    base = torch.randn(base_shape).bfloat16().to(memory_format=torch.channels_last)
+    x = pick(base)
+    assert not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
     with ftk.use_backend("cpu"):
-        got = ftk.block_sparse_conv2d(pick(base), values.bfloat16(), layout, padding=1)
-        want = ftk.block_sparse_conv2d(pick(base.float()), values.bfloat16().float(), layout, padding=1)
-    assert got.stride() == want.stride()
+        got = ftk.block_sparse_conv2d(x, v, layout, None, stride, padding)
+        layout_of_fp32 = ftk.block_sparse_conv2d(pick(base.float()), v.float(), layout, None, stride, padding).stride()
+    with ftk.use_backend("reference"):
+        want = ftk.block_sparse_conv2d(x.double(), v.double(), layout, None, stride, padding)
+    assert got.dtype == torch.bfloat16 and got.stride() == layout_of_fp32
+    assert_close_scaled(got, want, **TOL)
 
 
 @pytest.mark.parametrize("kernel", _kernels())

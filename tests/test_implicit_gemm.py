@@ -27,8 +27,8 @@ def test_geometry_matches_the_kernels_arguments():
 def test_one_geometry_vocabulary_in_python_triton_and_cuda():
     prob = ConvProblem(n=1, cin=4, h=3, w=3, cout=4)
     names = list(prob.kernel_args(2))
-    # csrc/cuda/kernels.cu declares the same fields once, in the same order, read off the tensors
-    source = (Path(__file__).parents[1] / "csrc" / "cuda" / "kernels.cu").read_text()
+    # csrc/cuda/geometry.h declares the same fields once, in the same order, read off the tensors
+    source = (Path(__file__).parents[1] / "csrc" / "cuda" / "geometry.h").read_text()
     struct = re.search(r"struct ConvGeometry \{(.*?)\};", source, re.S).group(1)
     fields = re.search(r"^\s*int (n, [^;]*);", struct, re.M).group(1).split(", ")
     assert fields == ["n"] + [name.lower() for name in names]

@@ -14,7 +14,11 @@
 // Strided grad-input and grad-values take the widened path.  A 1x1,
 // stride-1, unpadded conv of a channels-last input whose channels fill its
 // blocks (ResNet's pointwise convs) needs no copy: the padded copy would be
-// the input itself, so its GEMM reads the input in place.
+// the input itself, so its GEMM reads the input in place.  A forward conv
+// with few input channels (cin * kw <= 32: a stem) folds each kernel row's
+// taps into one reduction chunk (folded_forward).
+#include <cstring>
+
 #include "internal.h"
 
 namespace ftk_cpu {
@@ -49,10 +53,10 @@ struct Padded {
   }
 };
 
-Padded layout(const at::Tensor& src, int64_t pad_h, int64_t pad_w, int64_t sh, int64_t sw, int64_t cp) {
+Padded layout(int64_t h, int64_t w, int64_t pad_h, int64_t pad_w, int64_t sh, int64_t sw, int64_t cp) {
   Padded p;
-  p.hq = cdiv(src.size(2) + 2 * pad_h, sh);
-  p.wq = cdiv(src.size(3) + 2 * pad_w, sw) * sw;
+  p.hq = cdiv(h + 2 * pad_h, sh);
+  p.wq = cdiv(w + 2 * pad_w, sw) * sw;
   p.cp = cp;
   p.image_pixels = sh * p.hq * p.wq;
   return p;
@@ -61,7 +65,7 @@ Padded layout(const at::Tensor& src, int64_t pad_h, int64_t pad_w, int64_t sh, i
 Padded padded(const at::Tensor& src, int64_t pad_h, int64_t pad_w, int64_t sh, int64_t sw, int64_t cp,
               int64_t slack) {
   const int64_t n = src.size(0), c = src.size(1), h = src.size(2), w = src.size(3);
-  Padded p = layout(src, pad_h, pad_w, sh, sw, cp);
+  Padded p = layout(h, w, pad_h, pad_w, sh, sw, cp);
   p.buf = at::zeros({n * p.image_pixels + slack, cp}, src.options());
   const at::Tensor images = p.buf.narrow(0, 0, n * p.image_pixels).view({n, sh, p.hq, p.wq, cp});
   const at::Tensor nhwc = src.permute({0, 2, 3, 1});
@@ -90,49 +94,159 @@ bool reads_in_place(const at::Tensor& src, int64_t cp, const Geom& g) {
          (g.h == 1 || src.stride(2) == g.w * cp) && (g.n == 1 || src.stride(0) == g.h * g.w * cp);
 }
 
-// out [N, C_out, oh, ow] (bf16, any strides) = the implicit GEMM over `src`
-// with the conv (kh, kw, stride, padding, dilation) whose output chunk j
-// (32 channels from chunk_col[j]) sums its terms.
-void implicit_gemm(const Bf16Kernel& k, const at::Tensor& src, int64_t cp, const Geom& g,
-                   const std::vector<int64_t>& chunk_ptr, const std::vector<int64_t>& chunk_col,
-                   const std::vector<ConvTerm>& terms, const at::Tensor& packed, const float* bias, at::Tensor& out) {
+// The GEMM's output chunks and terms: conv term t reads A at its tap's pixel
+// of the padded copy p (none: the input in place).
+void set_terms(Bf16Gemm& gemm, const Padded* p, int64_t cp, const Geom& g, const std::vector<int64_t>& chunk_ptr,
+               const std::vector<int64_t>& chunk_col, const std::vector<ConvTerm>& terms, const float* bias,
+               const at::Tensor& out) {
+  gemm.chunk_ptr = chunk_ptr;
+  gemm.chunk_col = chunk_col;
+  gemm.out_cols = out.size(1);
+  gemm.bias = bias;
+  gemm.out_col_stride = out.stride(1);
+  for (const ConvTerm& t : terms) {
+    const int64_t pixel = p ? p->pixel(t.i * g.dh, t.j * g.dw, g.sh) : 0;
+    gemm.terms.push_back({(pixel * cp + t.channel) * 2, t.b_block * kBf16PackedBlock * 2});
+  }
+}
+
+// The padded copy a conv's GEMM reads, made with `slack` zero pixels after its last image.
+using MakePadded = c10::function_ref<Padded(int64_t slack)>;
+
+// out [N, C_out, oh, ow] (bf16, any strides) = the implicit GEMM of the conv
+// g over the padded copy `make` returns (layout(g.h, g.w, g.ph, g.pw, g.sh,
+// g.sw, cp)), whose output chunk j (32 channels from chunk_col[j]) sums its terms.
+void gemm_on_copy(const Bf16Kernel& k, MakePadded make, int64_t cp, const Geom& g,
+                  const std::vector<int64_t>& chunk_ptr, const std::vector<int64_t>& chunk_col,
+                  const std::vector<ConvTerm>& terms, const at::Tensor& packed, const float* bias, at::Tensor& out) {
   uint16_t* base = static_cast<uint16_t*>(out.data_ptr());
   const int64_t sn = out.stride(0), sy = out.stride(2), sx = out.stride(3);
-  auto run = [&](Bf16Gemm& gemm, const Padded* p, Bf16OutRow out_row) {
-    gemm.chunk_ptr = chunk_ptr;
-    gemm.chunk_col = chunk_col;
-    gemm.out_cols = out.size(1);
-    gemm.bias = bias;
-    gemm.out_col_stride = out.stride(1);
-    for (const ConvTerm& t : terms) {
-      const int64_t pixel = p ? p->pixel(t.i * g.dh, t.j * g.dw, g.sh) : 0;
-      gemm.terms.push_back({(pixel * cp + t.channel) * 2, t.b_block * kBf16PackedBlock * 2});
-    }
-    bf16_gemm(k, gemm, out_row);
-  };
-  if (reads_in_place(src, cp, g)) {
-    // one GEMM row per pixel; the last row tile's rows past the input come from a zeroed copy (bf16_gemm)
-    const int64_t pixels = g.n * g.h * g.w, hw = g.h * g.w;
-    Bf16Gemm gemm{pixels, bytes(src), cp * 2, pixels, bytes(packed)};
-    run(gemm, nullptr, [&](int64_t m) -> uint16_t* {
-      return base + m / hw * sn + m % hw / g.w * sy + m % g.w * sx;
-    });
-    return;
-  }
   const int64_t wv = cdiv(g.w + 2 * g.pw, g.sw), rpi = cdiv(g.oh * wv, kTile) * kTile;
   // The last tile of an image reads rpi virtual pixels (sw apart) from its
   // farthest tap on: past the image, into zeros after the last one.
-  const Padded shape = layout(src, g.ph, g.pw, g.sh, g.sw, cp);
+  const Padded shape = layout(g.h, g.w, g.ph, g.pw, g.sh, g.sw, cp);
   int64_t far = 0;
   for (int64_t i = 0; i < g.kh; ++i) far = std::max(far, shape.pixel(i * g.dh, (g.kw - 1) * g.dw, g.sh));
-  const Padded p = padded(src, g.ph, g.pw, g.sh, g.sw, cp, std::max<int64_t>(0, far + g.sw * rpi - shape.image_pixels) + 1);
+  const Padded p = make(std::max<int64_t>(0, far + g.sw * rpi - shape.image_pixels) + 1);
   Bf16Gemm gemm{g.n * rpi, bytes(p.buf), g.sw * cp * 2, std::numeric_limits<int64_t>::max(), bytes(packed)};
   gemm.rows_per_image = rpi;
   gemm.image_bytes = p.image_pixels * cp * 2;
-  run(gemm, &p, [&](int64_t m) -> uint16_t* {
+  set_terms(gemm, &p, cp, g, chunk_ptr, chunk_col, terms, bias, out);
+  bf16_gemm(k, gemm, [&](int64_t m) -> uint16_t* {
     const int64_t img = m / rpi, v = m % rpi, y = v / wv, x = v % wv;
     return y < g.oh && x < g.ow ? base + img * sn + y * sy + x * sx : nullptr;
   });
+}
+
+// The implicit GEMM over `src` with the conv g (see gemm_on_copy): on its
+// padded copy, or on `src` itself where that copy would be `src`.
+void implicit_gemm(const Bf16Kernel& k, const at::Tensor& src, int64_t cp, const Geom& g,
+                   const std::vector<int64_t>& chunk_ptr, const std::vector<int64_t>& chunk_col,
+                   const std::vector<ConvTerm>& terms, const at::Tensor& packed, const float* bias, at::Tensor& out) {
+  if (!reads_in_place(src, cp, g)) {
+    gemm_on_copy(k, [&](int64_t slack) { return padded(src, g.ph, g.pw, g.sh, g.sw, cp, slack); }, cp, g, chunk_ptr,
+                 chunk_col, terms, packed, bias, out);
+    return;
+  }
+  // one GEMM row per pixel; the last row tile's rows past the input come from a zeroed copy (bf16_gemm)
+  uint16_t* base = static_cast<uint16_t*>(out.data_ptr());
+  const int64_t sn = out.stride(0), sy = out.stride(2), sx = out.stride(3);
+  const int64_t pixels = g.n * g.h * g.w, hw = g.h * g.w;
+  Bf16Gemm gemm{pixels, bytes(src), cp * 2, pixels, bytes(packed)};
+  set_terms(gemm, nullptr, cp, g, chunk_ptr, chunk_col, terms, bias, out);
+  bf16_gemm(k, gemm, [&](int64_t m) -> uint16_t* { return base + m / hw * sn + m % hw / g.w * sy + m % g.w * sx; });
+}
+
+// Few input channels (a network's stem: 3 of them, each tap's padded to a
+// 32-wide reduction chunk): the kw taps of a kernel row fold into one chunk
+// instead, channel j * cin + c of the copy's pixel (padded row r, column x)
+// holding the padded input at (c, r, x * sw + j * dw).  The conv becomes a
+// kh x 1 conv over ow columns (rows padded, stride (sh, 1)) with one term per
+// kernel row of a block row: kh terms where there were up to kh * kw, each
+// 32 deep, and no virtual pixels wasted on the stride's columns.
+bool folds_taps(const Geom& g) { return g.kw > 1 && g.cin * g.kw <= kBf16K; }
+
+Geom folded_geom(const Geom& g) {
+  return Geom{g.n, kBf16K, g.h + 2 * g.ph, g.ow, g.cout, g.oh, g.ow, g.kh, 1, g.sh, 1, 0, 0, g.dh, 1};
+}
+
+// The folded conv's input (f = folded_geom(g)) in layout(f.h, f.w, 0, 0, f.sh, 1, 32), gathered from x (bf16, any
+// strides) in one pass: a per-channel copy of 3-channel pixels would cost more than the GEMM.
+Padded folded_copy(const at::Tensor& x, const Geom& g, const Geom& f, int64_t slack) {
+  Padded p = layout(f.h, f.w, 0, 0, f.sh, 1, kBf16K);
+  p.buf = at::empty({g.n * p.image_pixels + slack, kBf16K}, x.options());
+  uint16_t* dst = static_cast<uint16_t*>(p.buf.data_ptr());
+  const uint16_t* src = static_cast<const uint16_t*>(x.data_ptr());
+  const int64_t s0 = x.stride(0), s1 = x.stride(1), s2 = x.stride(2), s3 = x.stride(3);
+  const int64_t rows = g.n * f.sh * p.hq, row_elems = p.wq * kBf16K;  // copy rows: (image, row phase, q)
+  const bool span = s1 == 1 && s3 == g.cin && g.dw == 1;  // channels-last: a row's kw taps lie side by side
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      uint16_t* out = dst + row * row_elems;
+      const int64_t img = row / (f.sh * p.hq), phase = row / p.hq % f.sh, q = row % p.hq;
+      const int64_t y = q * f.sh + phase - g.ph;  // padded row q * sh + phase is source row y
+      if (y < 0 || y >= g.h) {
+        std::memset(out, 0, row_elems * 2);
+        continue;
+      }
+      const uint16_t* line = src + img * s0 + y * s2;
+      for (int64_t xo = 0; xo < p.wq; ++xo, out += kBf16K) {
+        const int64_t x0 = xo * g.sw - g.pw;
+        if (span && x0 >= 0 && x0 + g.kw <= g.w) {  // the taps' pixels, one run of cin * kw channels
+          std::memcpy(out, line + x0 * g.cin, g.kw * g.cin * 2);
+          std::memset(out + g.kw * g.cin, 0, (kBf16K - g.kw * g.cin) * 2);
+          continue;
+        }
+        int64_t e = 0;
+        for (int64_t j = 0; j < g.kw; ++j) {
+          const int64_t xs = xo * g.sw + j * g.dw - g.pw;
+          if (xs < 0 || xs >= g.w) {
+            for (int64_t c = 0; c < g.cin; ++c) out[e++] = 0;
+          } else {
+            for (int64_t c = 0; c < g.cin; ++c) out[e++] = line[c * s1 + xs * s3];
+          }
+        }
+        for (; e < kBf16K; ++e) out[e] = 0;
+      }
+    }
+  });
+  std::memset(dst + rows * row_elems, 0, slack * kBf16K * 2);
+  return p;
+}
+
+// The folded conv's weights: block (r, kernel row i) of B holds, at reduction
+// index j * cin + c, values[slot of (r, tap (i, j))][:, c], zero where that
+// tap's block is dead; only pairs with a live tap get a term.
+at::Tensor folded_forward(const Bf16Kernel& k, const at::Tensor& x, const at::Tensor& values, const int32_t* rp,
+                          const int32_t* ci, const int32_t* sl, int64_t R, const Geom& g, const float* bias) {
+  const int64_t bo = values.size(1), bi = values.size(2), groups = bo / kBf16Cols;
+  at::Tensor folded = at::zeros({R * g.kh, bo, kBf16K}, values.options());
+  const at::Tensor v = values.contiguous();
+  const uint16_t* vp = static_cast<const uint16_t*>(v.data_ptr());
+  uint16_t* fp = static_cast<uint16_t*>(folded.data_ptr());
+  std::vector<char> live(R * g.kh, 0);
+  for (int64_t r = 0; r < R; ++r)
+    for (int32_t e = rp[r]; e < rp[r + 1]; ++e) {
+      const int64_t i = ci[e] / g.kw, j = ci[e] % g.kw;  // one channel block per tap: column = tap
+      live[r * g.kh + i] = 1;
+      for (int64_t o = 0; o < bo; ++o)
+        for (int64_t c = 0; c < g.cin; ++c)
+          fp[((r * g.kh + i) * bo + o) * kBf16K + j * g.cin + c] = vp[(sl[e] * bo + o) * bi + c];
+    }
+  std::vector<int64_t> chunk_ptr{0}, chunk_col;
+  std::vector<ConvTerm> terms;
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t grp = 0; grp < groups && r * bo + grp * kBf16Cols < g.cout; ++grp) {
+      for (int64_t i = 0; i < g.kh; ++i)
+        if (live[r * g.kh + i]) terms.push_back({i, 0, 0, (r * g.kh + i) * groups + grp});
+      chunk_ptr.push_back(int64_t(terms.size()));
+      chunk_col.push_back(r * bo + grp * kBf16Cols);
+    }
+  at::Tensor out = conv_output({g.n, g.cout, g.oh, g.ow}, x);
+  const Geom f = folded_geom(g);
+  gemm_on_copy(k, [&](int64_t slack) { return folded_copy(x, g, f, slack); }, kBf16K, f, chunk_ptr, chunk_col, terms,
+               pack_blocks_vnni(folded, true), bias, out);
+  return out;
 }
 
 at::Tensor padded_bias_f32(const std::optional<at::Tensor>& bias, int64_t padded_len) {
@@ -160,10 +274,13 @@ at::Tensor bf16_conv2d_forward(const Bf16Kernel& k, const at::Tensor& x, const a
   const int64_t bpt = cdiv(g.cin, bi), R = row_ptr.numel() - 1, taps = g.kh * g.kw;
   check_indices(row_ptr, col_idx, slot, taps * bpt, nnzb, "BSR");
   TORCH_CHECK(R == cdiv(out_channels, bo), "freetickets_cpu: row_ptr does not match out_channels");
+  const int32_t *rp = row_ptr.data_ptr<int32_t>(), *ci = col_idx.data_ptr<int32_t>(), *sl = slot.data_ptr<int32_t>();
+  const at::Tensor b = padded_bias_f32(bias, R * bo);
+  const float* bias_f32 = b.defined() ? b.data_ptr<float>() : nullptr;
+  if (folds_taps(g)) return folded_forward(k, x, values, rp, ci, sl, R, g, bias_f32);
   const int64_t groups = bo / kBf16Cols, chunks = bi / kBf16K;
   std::vector<int64_t> chunk_ptr{0}, chunk_col;
   std::vector<ConvTerm> terms;
-  const int32_t *rp = row_ptr.data_ptr<int32_t>(), *ci = col_idx.data_ptr<int32_t>(), *sl = slot.data_ptr<int32_t>();
   for (int64_t r = 0; r < R; ++r)
     for (int64_t grp = 0; grp < groups && r * bo + grp * kBf16Cols < out_channels; ++grp) {
       for (int32_t e = rp[r]; e < rp[r + 1]; ++e) {
@@ -175,9 +292,7 @@ at::Tensor bf16_conv2d_forward(const Bf16Kernel& k, const at::Tensor& x, const a
       chunk_col.push_back(r * bo + grp * kBf16Cols);
     }
   at::Tensor out = conv_output({g.n, out_channels, g.oh, g.ow}, x);
-  const at::Tensor b = padded_bias_f32(bias, R * bo);
-  implicit_gemm(k, x, bpt * bi, g, chunk_ptr, chunk_col, terms, pack_blocks_vnni(values, true),
-                b.defined() ? b.data_ptr<float>() : nullptr, out);
+  implicit_gemm(k, x, bpt * bi, g, chunk_ptr, chunk_col, terms, pack_blocks_vnni(values, true), bias_f32, out);
   return out;
 }
 
@@ -228,7 +343,7 @@ at::Tensor bf16_conv2d_grad_values(const Bf16Kernel& k, const at::Tensor& dy, co
   // v + i*dh*Wq + j*dw.  A = grad_out^T on that grid (zero where no output
   // pixel is), B = the padded input in VNNI pairs of pixels, one copy per
   // parity of the tap's offset.
-  const Padded shape = layout(x, g.ph, g.pw, 1, 1, cp);
+  const Padded shape = layout(g.h, g.w, g.ph, g.pw, 1, 1, cp);
   const int64_t pixels = g.n * shape.image_pixels, kpad = cdiv(pixels, kBf16K) * kBf16K;
   const int64_t far = shape.pixel((g.kh - 1) * g.dh, (g.kw - 1) * g.dw, 1);
   const Padded p = padded(x, g.ph, g.pw, 1, 1, cp, kpad - pixels + far + 2);

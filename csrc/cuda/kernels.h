@@ -1,4 +1,5 @@
-// Host entry points of the CUDA kernels (kernels.cu), registered in ops.cpp as
+// Host entry points of the CUDA kernels (forward.cu, grad_input.cu,
+// grad_blocks.cu), registered in ops.cpp as
 // torch.ops.freetickets_cuda.*.  Implicit-GEMM launchers: each writes every
 // element of its output tensor, allocated by freetickets_kernels/backends/
 // implicit_gemm.py.  A linear layer is the 1x1 conv of 1x1 images: 2-D

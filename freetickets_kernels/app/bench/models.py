@@ -33,7 +33,7 @@ from ...flops import count_flops, parameter_count
 from ...nn.sparsify import sparsify
 from ..progress import Progress
 from ..results import markdown_table, write_results
-from ..timing import median_seconds
+from ..timing import interleaved_median_seconds, median_seconds
 
 # name -> (builder, default image size, classes)
 MODEL_SPECS = {
@@ -43,8 +43,8 @@ MODEL_SPECS = {
 }
 DENSITIES = [0.5, 0.2, 0.1, 0.05]
 BLOCK_SIZES = [16, 32]
-COLUMNS = ["model", "block", "density", "kind", "infer_ms", "infer_speedup", "train_step_ms", "train_speedup",
-           "ideal", "gflops", "gflops_counter", "params_M", "checkpoint_MB"]
+COLUMNS = ["model", "block", "density", "kind", "infer_ms", "dense_infer_ms", "infer_speedup", "train_step_ms",
+           "dense_train_step_ms", "train_speedup", "ideal", "gflops", "gflops_counter", "params_M", "checkpoint_MB"]
 
 
 def _build(name: str) -> nn.Module:
@@ -74,9 +74,8 @@ def _precision(precision: str):
     return contextlib.nullcontext()
 
 
-def _timings(models: List[nn.Module], x: torch.Tensor, y: torch.Tensor, repeats: int,
-             update_interval: int, precision: str = "fp32") -> Dict[str, float]:
-    """Inference (all ``models`` one after another) and a training step of each, amortised DST update included."""
+def _inference(models: List[nn.Module], x: torch.Tensor, precision: str):
+    """One batch through each of ``models`` in turn (an ensemble's inference)."""
     for m in models:
         m.eval()
 
@@ -86,35 +85,48 @@ def _timings(models: List[nn.Module], x: torch.Tensor, y: torch.Tensor, repeats:
             for m in models:
                 m(x)
 
-    out = {"infer": median_seconds(infer, repeats)}
-    step_total = 0.0
-    for m in models:
-        m.train()
-        opt = torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9)
-        dst = None
-        if any(hasattr(mod, "layout") for mod in m.modules()):
-            dst = DynamicSparseTraining(m, opt, update_interval=10 ** 9, prune_rate=0.3,
-                                        prune_rate_schedule="constant")
+    return infer
 
-        def step(m=m, opt=opt):
-            opt.zero_grad(set_to_none=True)
-            with _precision(precision):
-                loss = F.cross_entropy(m(x), y)
-            loss.backward()
-            opt.step()
 
-        step_s = median_seconds(step, repeats, warmup=1)
-        update_s = 0.0
-        if dst is not None:  # one RigL update: an armed step plus prune/regrow, minus the step itself
-            def update(dst=dst):
-                dst.arm_gradient_capture()
-                step()
-                dst.update()
+def _train_step(m: nn.Module, x: torch.Tensor, y: torch.Tensor, precision: str):
+    """A training step of ``m`` (forward, backward, SGD), and its RigL update's extra cost (0.0 if dense)."""
+    m.train()
+    opt = torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9)
 
-            update_s = max(median_seconds(update, max(1, repeats // 3), warmup=0) - step_s, 0.0)
-        step_total += step_s + update_s / update_interval
-    out["train_step"] = step_total
-    return out
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with _precision(precision):
+            loss = F.cross_entropy(m(x), y)
+        loss.backward()
+        opt.step()
+
+    def update_cost(step_s: float, repeats: int) -> float:
+        if not any(hasattr(mod, "layout") for mod in m.modules()):
+            return 0.0
+        dst = DynamicSparseTraining(m, opt, update_interval=10 ** 9, prune_rate=0.3, prune_rate_schedule="constant")
+
+        def update():  # an armed step plus prune/regrow, minus the step itself
+            dst.arm_gradient_capture()
+            step()
+            dst.update()
+
+        return max(median_seconds(update, max(1, repeats // 3), warmup=0) - step_s, 0.0)
+
+    return step, update_cost
+
+
+def _timings(groups: List[List[nn.Module]], x: torch.Tensor, y: torch.Tensor, repeats: int,
+             update_interval: int, precision: str = "fp32") -> List[Dict[str, float]]:
+    """Inference and training step of each group (one model or an ensemble), all timed interleaved:
+    each round runs every group once, so a drift of the machine's speed reaches them alike and their
+    ratios stay fair.  A group's training step is its members' steps plus their amortised DST updates."""
+    infer = interleaved_median_seconds([_inference(g, x, precision) for g in groups], repeats)
+    models = list({id(m): m for g in groups for m in g}.values())  # an ensemble's first member is the single model
+    steps = [_train_step(m, x, y, precision) for m in models]
+    step_s = dict(zip((id(m) for m in models), interleaved_median_seconds([s for s, _ in steps], repeats, warmup=1)))
+    per_model = {id(m): step_s[id(m)] + cost(step_s[id(m)], repeats) / update_interval
+                 for m, (_, cost) in zip(models, steps)}
+    return [{"infer": t, "train_step": sum(per_model[id(m)] for m in g)} for t, g in zip(infer, groups)]
 
 
 @dataclass
@@ -126,17 +138,18 @@ class _DenseCase:
     x: torch.Tensor
     y: torch.Tensor
     model: nn.Module
-    timings: Dict[str, float]
     forward_flops: float
 
 
-def _row(case: _DenseCase, group: List[nn.Module], kind: str, block, density: float, timings: Dict[str, float],
-         forward_flops: float, args: argparse.Namespace) -> dict:
-    """One table row for ``group`` (one model or an ensemble), against the dense measurements of ``case``."""
+def _row(case: _DenseCase, dense: Dict[str, float], group: List[nn.Module], kind: str, block, density: float,
+         timings: Dict[str, float], forward_flops: float, args: argparse.Namespace) -> dict:
+    """One table row for ``group`` (one model or an ensemble), against ``dense``: the dense model of ``case``
+    timed in the same interleaved rounds."""
     m, x = len(group), case.x
     return dict(case.base, block=block, density=density, kind=kind, infer_ms=timings["infer"] * 1e3,
-                infer_speedup=case.timings["infer"] / timings["infer"], train_step_ms=timings["train_step"] * 1e3,
-                train_speedup=case.timings["train_step"] / timings["train_step"],
+                infer_speedup=dense["infer"] / timings["infer"], train_step_ms=timings["train_step"] * 1e3,
+                train_speedup=dense["train_step"] / timings["train_step"],
+                dense_infer_ms=dense["infer"] * 1e3, dense_train_step_ms=dense["train_step"] * 1e3,
                 ideal=case.forward_flops / (forward_flops * m), gflops=forward_flops * m * args.batch_size / 1e9,
                 gflops_counter=sum(_counter_gflops(g, x) for g in group),
                 params_M=sum(parameter_count(g)["params"] for g in group) / 1e6,
@@ -156,11 +169,10 @@ def _dense_case(name: str, args: argparse.Namespace) -> Tuple[_DenseCase, dict]:
     y = torch.randint(0, classes, (args.batch_size,), generator=g)
     torch.manual_seed(0)
     dense = _in_format(_build(name), args)
-    timings = _timings([dense], x, y, args.repeats, args.update_interval, args.precision)
+    timings, = _timings([[dense]], x, y, args.repeats, args.update_interval, args.precision)
     case = _DenseCase(name, {"model": name, "image": size, "batch": args.batch_size, "precision": args.precision},
-                      x, y, dense, timings,
-                      count_flops(dense, x).forward)
-    return case, _row(case, [dense], "dense", "-", 1.0, timings, case.forward_flops, args)
+                      x, y, dense, count_flops(dense, x).forward)
+    return case, _row(case, timings, [dense], "dense", "-", 1.0, timings, case.forward_flops, args)
 
 
 def _sparse_rows(case: _DenseCase, block: int, density: float, args: argparse.Namespace) -> List[dict]:
@@ -172,10 +184,12 @@ def _sparse_rows(case: _DenseCase, block: int, density: float, args: argparse.Na
         sparsify(member, density, block, "erk", criterion="random")
         members.append(_in_format(member, args))
     forward_flops = count_flops(members[0], case.x).forward
-    return [_row(case, group, kind, block, density, _timings(group, case.x, case.y, args.repeats,
-                                                             args.update_interval, args.precision),
-                 forward_flops, args)
-            for kind, group in (("sparse", members[:1]), (f"ensemble x{args.members}", members))]
+    # the dense model again, interleaved with these: each row's speedups are against its own run's dense
+    groups = {"dense": [case.model], "sparse": members[:1], f"ensemble x{args.members}": members}
+    timings = dict(zip(groups, _timings(list(groups.values()), case.x, case.y, args.repeats,
+                                        args.update_interval, args.precision)))
+    return [_row(case, timings["dense"], group, kind, block, density, timings[kind], forward_flops, args)
+            for kind, group in groups.items() if kind != "dense"]
 
 
 def plot(rows: List[dict], path: str, members: int) -> None:
@@ -290,6 +304,8 @@ def run(args: argparse.Namespace) -> int:
     precision = "float32" if args.precision == "fp32" else "bf16 autocast (fp32 master weights)"
     layout = ", channels_last" if args.channels_last else ""
     notes = (f"{precision}{layout}, {args.threads} threads, batch {args.batch_size}, median of {args.repeats}; ERK densities; "
+             "each sparse row's speedups are against the dense model timed interleaved with it (dense_*_ms: "
+             "each round runs dense, sparse and ensemble once, so the machine's drift reaches them alike); "
              f"train step = forward + backward + SGD step + one RigL update / {args.update_interval} steps; "
              "ideal = dense FLOPs / sparse FLOPs (ours); gflops_counter = torch FlopCounterMode on the same "
              "forward.\n\n" + "\n".join(f"- {line}" for line in lines))
