@@ -11,13 +11,15 @@
 // stored (Wv - out_w of every Wv).  Grad-input (stride 1) is the forward
 // conv of grad_out with flipped taps and transposed blocks; grad-values
 // reduces over the padded pixels with grad_out^T placed on the same grid.
-// Strided grad-input and grad-values take the widened path.  A 1x1,
+// Strided grad-input takes the widened path; grad-values of any stride
+// reduces over the input's phase planes (pixel_pairs).  A 1x1,
 // stride-1, unpadded conv of a channels-last input whose channels fill its
 // blocks (ResNet's pointwise convs) needs no copy: the padded copy would be
 // the input itself, so its GEMM reads the input in place.  A forward conv
 // with few input channels (cin * kw <= 32: a stem) folds each kernel row's
 // taps into one reduction chunk (folded_forward).
 #include <cstring>
+#include <type_traits>
 
 #include "internal.h"
 
@@ -249,6 +251,126 @@ at::Tensor folded_forward(const Bf16Kernel& k, const at::Tensor& x, const at::Te
   return out;
 }
 
+// Grad-values' copy of the input: padded by (pad_h, pad_w) and split into
+// its sh x sw phase planes, plane (pr, pc) holding pixel (r, c) with
+// r % sh == pr, c % sw == pc at (image, r / sh, c / sw) for every image.
+struct PhasePlanes {
+  int64_t sh, sw, hq, wq, plane_pixels;  // plane_pixels: n * hq * wq
+  int64_t all_pixels() const { return sh * sw * plane_pixels; }
+  int64_t offset(int64_t i_dh, int64_t j_dw) const {  // padded pixel (y*sh + i_dh, x*sw + j_dw), less (y, x)'s
+    return ((i_dh % sh) * sw + j_dw % sw) * plane_pixels + (i_dh / sh) * wq + j_dw / sw;
+  }
+};
+
+PhasePlanes phase_planes_layout(int64_t h, int64_t w, int64_t pad_h, int64_t pad_w, int64_t sh, int64_t sw,
+                                int64_t n) {
+  const int64_t hq = cdiv(h + 2 * pad_h, sh), wq = cdiv(w + 2 * pad_w, sw);
+  return PhasePlanes{sh, sw, hq, wq, n * hq * wq};
+}
+
+// Grad-values' B: pixels q of the planes `pl` of src [N, C, H, W] (bf16, any
+// strides; channels padded to cp, zero past the planes) in VNNI pairs,
+// pair t = pixels (2t + parity, 2t + parity + 1) as [pair][channel][2], for
+// the pairs that hold pixels [lo, hi) only (`first` = the first pair's t).
+// Written by one loop straight from src: no padded copy in between.
+struct PixelPairs {
+  at::Tensor t;  // [pairs, cp, 2]
+  int64_t first;
+};
+
+PixelPairs pixel_pairs(const at::Tensor& src, const PhasePlanes& pl, int64_t pad_h, int64_t pad_w, int64_t cp,
+                       int64_t parity, int64_t lo, int64_t hi) {
+  const int64_t c = src.size(1), h = src.size(2), w = src.size(3);
+  const int64_t first = (lo - parity) / 2, pairs = cdiv(hi - parity, 2) - first;
+  at::Tensor t = at::empty({pairs, cp, 2}, src.options());
+  uint16_t* dst = static_cast<uint16_t*>(t.data_ptr());
+  const uint16_t* base = static_cast<const uint16_t*>(src.data_ptr());
+  const int64_t s0 = src.stride(0), s1 = src.stride(1), s2 = src.stride(2), s3 = src.stride(3);
+  const int64_t plane_hw = pl.hq * pl.wq;
+  auto pixel = [&](int64_t q) -> const uint16_t* {  // source pixel q of the planes, or nullptr (zero)
+    if (q < 0 || q >= pl.all_pixels()) return nullptr;
+    const int64_t plane = q / pl.plane_pixels, rest = q % pl.plane_pixels;
+    const int64_t n = rest / plane_hw, y = rest % plane_hw / pl.wq * pl.sh + plane / pl.sw - pad_h,
+                  x = rest % pl.wq * pl.sw + plane % pl.sw - pad_w;
+    return y >= 0 && y < h && x >= 0 && x < w ? base + n * s0 + y * s2 + x * s3 : nullptr;
+  };
+  auto zip = [&](auto unit_stride, uint16_t* out, const uint16_t* a, const uint16_t* b) {
+    const int64_t step = decltype(unit_stride)::value ? 1 : s1;  // unit: vectorizable interleave
+    if (a && b) {
+      for (int64_t ch = 0; ch < c; ++ch) out[2 * ch] = a[ch * step], out[2 * ch + 1] = b[ch * step];
+    } else if (a || b) {
+      const uint16_t* p = a ? a : b;
+      const int64_t live = a ? 0 : 1;
+      for (int64_t ch = 0; ch < c; ++ch) out[2 * ch + live] = p[ch * step], out[2 * ch + 1 - live] = 0;
+    } else {
+      std::memset(out, 0, c * 4);
+    }
+    std::memset(out + 2 * c, 0, (cp - c) * 4);
+  };
+  at::parallel_for(0, pairs, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t pr = begin; pr < end; ++pr) {
+      const int64_t q = 2 * (first + pr) + parity;
+      if (s1 == 1) {
+        zip(std::true_type{}, dst + pr * cp * 2, pixel(q), pixel(q + 1));
+      } else {
+        zip(std::false_type{}, dst + pr * cp * 2, pixel(q), pixel(q + 1));
+      }
+    }
+  });
+  return {t, first};
+}
+
+// Grad-values' A: grad_out^T on the reduction grid, [rows, kpad] (bf16):
+// row co, column (n * hq + y) * wq + x holds dy[n, co, y, x] (zeros
+// elsewhere).  Our own transpose, through 32 x 32 tiles in L1: aten's
+// transposing copy of a channels-last grad_out cost more than the
+// multiplies it feeds.
+at::Tensor grad_out_grid(const at::Tensor& dy, int64_t rows, int64_t kpad, int64_t hq, int64_t wq) {
+  const int64_t n = dy.size(0), c = dy.size(1), oh = dy.size(2), ow = dy.size(3), grid = n * hq * wq;
+  at::Tensor t = at::empty({rows, kpad}, dy.options());
+  uint16_t* dst = static_cast<uint16_t*>(t.data_ptr());
+  const uint16_t* src = static_cast<const uint16_t*>(dy.data_ptr());
+  const int64_t s0 = dy.stride(0), s1 = dy.stride(1), s2 = dy.stride(2), s3 = dy.stride(3);
+  constexpr int64_t kT = 32;
+  auto load = [&](auto unit_stride, uint16_t (*tile)[kT], const uint16_t* in, int64_t xn, int64_t cn) {
+    const int64_t step = decltype(unit_stride)::value ? 1 : s1;  // unit: channels-last, vectorizable
+    for (int64_t x = 0; x < xn; ++x)
+      for (int64_t ch = 0; ch < cn; ++ch) tile[x][ch] = in[ch * step + x * s3];
+  };
+  at::parallel_for(0, n * hq, 1, [&](int64_t begin, int64_t end) {
+    uint16_t tile[kT][kT];  // [x][channel]
+    for (int64_t line = begin; line < end; ++line) {
+      const int64_t img = line / hq, y = line % hq, col0 = line * wq;
+      if (y >= oh) {  // a grid row past the output's
+        for (int64_t ch = 0; ch < c; ++ch) std::memset(dst + ch * kpad + col0, 0, wq * 2);
+        continue;
+      }
+      const uint16_t* in = src + img * s0 + y * s2;
+      for (int64_t x0 = 0; x0 < ow; x0 += kT)
+        for (int64_t c0 = 0; c0 < c; c0 += kT) {
+          const int64_t xn = std::min(kT, ow - x0), cn = std::min(kT, c - c0);
+          const uint16_t* at = in + c0 * s1 + x0 * s3;
+          if (s1 == 1) {
+            load(std::true_type{}, tile, at, xn, cn);
+          } else {
+            load(std::false_type{}, tile, at, xn, cn);
+          }
+          for (int64_t ch = 0; ch < cn; ++ch)
+            for (int64_t x = 0; x < xn; ++x) dst[(c0 + ch) * kpad + col0 + x0 + x] = tile[x][ch];
+        }
+      for (int64_t ch = 0; ch < c; ++ch) std::memset(dst + ch * kpad + col0 + ow, 0, (wq - ow) * 2);
+    }
+  });
+  for (int64_t ch = 0; ch < rows; ++ch) {  // the reduction's tail, and the rows past the channels
+    if (ch < c) {
+      std::memset(dst + ch * kpad + grid, 0, (kpad - grid) * 2);
+    } else {
+      std::memset(dst + ch * kpad, 0, kpad * 2);
+    }
+  }
+  return t;
+}
+
 at::Tensor padded_bias_f32(const std::optional<at::Tensor>& bias, int64_t padded_len) {
   if (!bias.has_value()) return at::Tensor();
   at::Tensor b = at::zeros({padded_len + kBf16Cols}, bias->options().dtype(at::kFloat));
@@ -330,35 +452,41 @@ at::Tensor bf16_conv2d_grad_input(const Bf16Kernel& k, const at::Tensor& dy, con
 
 at::Tensor bf16_conv2d_grad_values(const Bf16Kernel& k, const at::Tensor& dy, const at::Tensor& x,
                                    const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& slot,
-                                   at::IntArrayRef block_size, at::IntArrayRef kernel, at::IntArrayRef padding,
-                                   at::IntArrayRef dilation) {
-  const Geom g = geom(x.sizes(), dy.size(1), kernel, {1, 1}, padding, dilation);
+                                   at::IntArrayRef block_size, at::IntArrayRef kernel, at::IntArrayRef stride,
+                                   at::IntArrayRef padding, at::IntArrayRef dilation) {
+  const Geom g = geom(x.sizes(), dy.size(1), kernel, stride, padding, dilation);
   TORCH_CHECK(g.oh == dy.size(2) && g.ow == dy.size(3), "freetickets_cpu: grad_out does not match the conv's output");
   const int64_t bo = block_size[0], bi = block_size[1], nnzb = col_idx.numel();
   const int64_t bpt = cdiv(g.cin, bi), R = row_ptr.numel() - 1, cp = bpt * bi;
   check_indices(row_ptr, col_idx, slot, g.kh * g.kw * bpt, nnzb, "BSR");
   TORCH_CHECK(R == cdiv(g.cout, bo), "freetickets_cpu: row_ptr does not match grad_out's channels");
-  // The reduction runs over every padded pixel of every image: output pixel
-  // (y, x) at v = y * Wq + x, where tap (i, j) reads padded input pixel
-  // v + i*dh*Wq + j*dw.  A = grad_out^T on that grid (zero where no output
-  // pixel is), B = the padded input in VNNI pairs of pixels, one copy per
-  // parity of the tap's offset.
-  const Padded shape = layout(g.h, g.w, g.ph, g.pw, 1, 1, cp);
-  const int64_t pixels = g.n * shape.image_pixels, kpad = cdiv(pixels, kBf16K) * kBf16K;
-  const int64_t far = shape.pixel((g.kh - 1) * g.dh, (g.kw - 1) * g.dw, 1);
-  const Padded p = padded(x, g.ph, g.pw, 1, 1, cp, kpad - pixels + far + 2);
-  at::Tensor dyt = at::zeros({R * bo, kpad}, dy.options());
-  dyt.narrow(1, 0, pixels).view({R * bo, g.n, p.hq, p.wq}).narrow(0, 0, g.cout).narrow(2, 0, g.oh).narrow(3, 0, g.ow)
-      .copy_(dy.permute({1, 0, 2, 3}));
-  const int64_t pairs = (p.buf.size(0) - 1) / 2;
-  at::Tensor even = p.buf.narrow(0, 0, 2 * pairs).view({pairs, 2, cp}).permute({0, 2, 1}).contiguous();
-  at::Tensor odd = p.buf.narrow(0, 1, 2 * pairs).view({pairs, 2, cp}).permute({0, 2, 1}).contiguous();
+  // The reduction runs over a grid of hq x wq pixels per image: output pixel
+  // (y, x) at v = y * wq + x, where tap (i, j) reads padded input pixel
+  // (y * sh + i * dh, x * sw + j * dw).  The padded input is split into its
+  // sh x sw phases (pixel (r, c) in plane (r % sh, c % sw) at (r / sh, c / sw)),
+  // each plane holding every image, so that this pixel is at v + a fixed
+  // offset per tap.  A = grad_out^T on the grid (zero where no output pixel
+  // is), B = the planes in VNNI pairs of pixels, one copy per parity of the
+  // tap's offset, made for the pixels the live blocks read only.  Stride 1:
+  // one plane, the padded input.
+  const PhasePlanes planes = phase_planes_layout(g.h, g.w, g.ph, g.pw, g.sh, g.sw, g.n);
+  const int64_t pixels = planes.plane_pixels, kpad = cdiv(pixels, kBf16K) * kBf16K;
+  auto tap_offset = [&](int64_t tap) { return planes.offset(tap / g.kw * g.dh, tap % g.kw * g.dw); };
+  int64_t near = std::numeric_limits<int64_t>::max(), far = 0;
+  for (int32_t e = 0; e < nnzb; ++e) {  // the pixels the live blocks' taps read: [near, far + kpad)
+    near = std::min(near, tap_offset(col_idx.data_ptr<int32_t>()[e] / bpt));
+    far = std::max(far, tap_offset(col_idx.data_ptr<int32_t>()[e] / bpt));
+  }
+  if (nnzb == 0) near = 0;
+  const PixelPairs even = pixel_pairs(x, planes, g.ph, g.pw, cp, 0, near, far + kpad + 1);
+  const PixelPairs odd = pixel_pairs(x, planes, g.ph, g.pw, cp, 1, near, far + kpad + 1);
+  const at::Tensor dyt = grad_out_grid(dy, R * bo, kpad, planes.hq, planes.wq);
   const int32_t* ci = col_idx.data_ptr<int32_t>();
   return bf16_grad_values(k, bytes(dyt), kpad * 2, cp * 4, kpad / kBf16K, row_ptr, slot, bo, bi, x.options(),
                           [&](int64_t e) {
-                            const int64_t tap = ci[e] / bpt, cb = ci[e] % bpt;
-                            const int64_t off = p.pixel(tap / g.kw * g.dh, tap % g.kw * g.dw, 1);
-                            return bytes(off % 2 ? odd : even) + off / 2 * cp * 4 + cb * bi * 4;
+                            const int64_t off = tap_offset(ci[e] / bpt), cb = ci[e] % bpt;
+                            const PixelPairs& b = off % 2 ? odd : even;
+                            return bytes(b.t) + ((off - off % 2) / 2 - b.first) * cp * 4 + cb * bi * 4;
                           });
 }
 

@@ -415,8 +415,7 @@ at::Tensor conv2d_grad_values(const at::Tensor& dy, const at::Tensor& x, const a
                               at::IntArrayRef padding, at::IntArrayRef dilation) {
   const at::ScalarType dtype = op_dtype({&dy, &x}, {"grad_out", "x"});
   if (const Bf16Kernel* k = bf16_runs(dy, block_size[0], block_size[1]))
-    if (bf16_conv_grad_runs(stride, padding, kernel, dilation))
-      return bf16_conv2d_grad_values(*k, dy, x, row_ptr, col_idx, slot, block_size, kernel, padding, dilation);
+    return bf16_conv2d_grad_values(*k, dy, x, row_ptr, col_idx, slot, block_size, kernel, stride, padding, dilation);
   if (dtype != at::kFloat)
     return widened_call(dtype, conv2d_grad_values, dy, x, row_ptr, col_idx, slot, block_size, kernel, stride, padding,
                         dilation);
