@@ -17,7 +17,7 @@
 // blocks (ResNet's pointwise convs) needs no copy: the padded copy would be
 // the input itself, so its GEMM reads the input in place.  A forward conv
 // with few input channels (cin * kw <= 32: a stem) folds each kernel row's
-// taps into one reduction chunk (folded_forward).
+// taps into one reduction chunk (folded_forward, folded_grad_values).
 #include <cstring>
 #include <type_traits>
 
@@ -371,6 +371,43 @@ at::Tensor grad_out_grid(const at::Tensor& dy, int64_t rows, int64_t kpad, int64
   return t;
 }
 
+// Grad-values of a conv whose taps fold (folds_taps): the folded conv's
+// (a kh x 1 conv of the folded copy, see folded_forward) over one block per
+// (block row, kernel row) with a live tap, then each live block's columns
+// picked out of its kernel row's: tap (i, j) channel c is folded column j * cin + c.
+at::Tensor folded_grad_values(const Bf16Kernel& k, const at::Tensor& dy, const at::Tensor& x, const int32_t* rp,
+                              const int32_t* ci, const int32_t* sl, int64_t R, int64_t nnzb, int64_t bo, int64_t bi,
+                              const Geom& g) {
+  Geom plain = folded_geom(g);
+  plain.sh = 1;  // the folded copy without its row phase split: a [N, 32, H + 2 ph, ow] channels-last image
+  const at::Tensor xf = folded_copy(x, g, plain, 0).buf.view({g.n, plain.h, plain.w, kBf16K}).permute({0, 3, 1, 2});
+  std::vector<int32_t> ptr{0}, rows_i, slots;
+  std::vector<int64_t> fold_of(R * g.kh, -1);  // folded block of (r, kernel row i)
+  for (int64_t r = 0; r < R; ++r) {
+    for (int32_t e = rp[r]; e < rp[r + 1]; ++e) fold_of[r * g.kh + ci[e] / g.kw] = -2;  // live
+    for (int64_t i = 0; i < g.kh; ++i)
+      if (fold_of[r * g.kh + i] == -2) {
+        fold_of[r * g.kh + i] = int64_t(slots.size());
+        rows_i.push_back(int32_t(i));
+        slots.push_back(int32_t(slots.size()));
+      }
+    ptr.push_back(int32_t(slots.size()));
+  }
+  auto ints = [](const std::vector<int32_t>& v) { return at::tensor(v, at::TensorOptions().dtype(at::kInt)); };
+  const at::Tensor dvf = bf16_conv2d_grad_values(k, dy, xf, ints(ptr), ints(rows_i), ints(slots), {bo, kBf16K},
+                                                 {g.kh, 1}, {g.sh, 1}, {0, 0}, {g.dh, 1});
+  at::Tensor dv = at::zeros({nnzb, bo, bi}, dy.options());
+  const uint16_t* src = static_cast<const uint16_t*>(dvf.data_ptr());
+  uint16_t* dst = static_cast<uint16_t*>(dv.data_ptr());
+  for (int64_t r = 0; r < R; ++r)
+    for (int32_t e = rp[r]; e < rp[r + 1]; ++e) {
+      const int64_t f = fold_of[r * g.kh + ci[e] / g.kw], j = ci[e] % g.kw;
+      for (int64_t o = 0; o < bo; ++o)
+        std::memcpy(dst + (sl[e] * bo + o) * bi, src + (f * bo + o) * kBf16K + j * g.cin, g.cin * 2);
+    }
+  return dv;
+}
+
 at::Tensor padded_bias_f32(const std::optional<at::Tensor>& bias, int64_t padded_len) {
   if (!bias.has_value()) return at::Tensor();
   at::Tensor b = at::zeros({padded_len + kBf16Cols}, bias->options().dtype(at::kFloat));
@@ -460,6 +497,9 @@ at::Tensor bf16_conv2d_grad_values(const Bf16Kernel& k, const at::Tensor& dy, co
   const int64_t bpt = cdiv(g.cin, bi), R = row_ptr.numel() - 1, cp = bpt * bi;
   check_indices(row_ptr, col_idx, slot, g.kh * g.kw * bpt, nnzb, "BSR");
   TORCH_CHECK(R == cdiv(g.cout, bo), "freetickets_cpu: row_ptr does not match grad_out's channels");
+  if (folds_taps(g))
+    return folded_grad_values(k, dy, x, row_ptr.data_ptr<int32_t>(), col_idx.data_ptr<int32_t>(),
+                              slot.data_ptr<int32_t>(), R, nnzb, bo, bi, g);
   // The reduction runs over a grid of hq x wq pixels per image: output pixel
   // (y, x) at v = y * wq + x, where tap (i, j) reads padded input pixel
   // (y * sh + i * dh, x * sw + j * dw).  The padded input is split into its
