@@ -251,7 +251,7 @@ at::Tensor folded_forward(const Bf16Kernel& k, const at::Tensor& x, const at::Te
   return out;
 }
 
-// Grad-values' copy of the input: padded by (pad_h, pad_w) and split into
+// Grad-values' view of the input: padded by (pad_h, pad_w) and split into
 // its sh x sw phase planes, plane (pr, pc) holding pixel (r, c) with
 // r % sh == pr, c % sw == pc at (image, r / sh, c / sw) for every image.
 struct PhasePlanes {
@@ -349,11 +349,11 @@ at::Tensor grad_out_grid(const at::Tensor& dy, int64_t rows, int64_t kpad, int64
       for (int64_t x0 = 0; x0 < ow; x0 += kT)
         for (int64_t c0 = 0; c0 < c; c0 += kT) {
           const int64_t xn = std::min(kT, ow - x0), cn = std::min(kT, c - c0);
-          const uint16_t* at = in + c0 * s1 + x0 * s3;
+          const uint16_t* corner = in + c0 * s1 + x0 * s3;
           if (s1 == 1) {
-            load(std::true_type{}, tile, at, xn, cn);
+            load(std::true_type{}, tile, corner, xn, cn);
           } else {
-            load(std::false_type{}, tile, at, xn, cn);
+            load(std::false_type{}, tile, corner, xn, cn);
           }
           for (int64_t ch = 0; ch < cn; ++ch)
             for (int64_t x = 0; x < xn; ++x) dst[(c0 + ch) * kpad + col0 + x0 + x] = tile[x][ch];
