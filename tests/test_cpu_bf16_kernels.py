@@ -137,6 +137,9 @@ STRIDED_VIEWS = {
     # name: (weight shape, stride, padding, channels-last base input, the view of it the op gets)
     "every_other_row": ((32, 32, 3, 3), 1, 1, (2, 32, 12, 12), lambda t: t[:, :, ::2]),
     "cropped": ((32, 32, 3, 3), 1, 1, (2, 32, 12, 12), lambda t: t[..., 1:7]),
+    # NCHW bases: the padded copy transposes planes (cropped: unit pixel stride; every other column: none)
+    "nchw cropped": ((64, 48, 3, 3), 1, 1, (2, 48, 12, 40), lambda t: t.contiguous()[..., 1:37]),
+    "nchw every_other_column": ((32, 32, 3, 3), 2, 1, (2, 32, 12, 24), lambda t: t.contiguous()[..., ::2]),
     # few channels: the folded copy gathers through the strides (cropped: channels-last runs)
     "stem every_other_column": ((32, 3, 7, 7), 2, 3, (2, 3, 17, 24), lambda t: t[..., ::2]),
     "stem cropped": ((32, 3, 7, 7), 2, 3, (2, 3, 17, 24), lambda t: t[:, :, 2:15, 1:12]),
@@ -176,5 +179,6 @@ def test_pointwise_conv_read_in_place_and_streamed_results(kernel):
     assert layout.nnzb > 0 and 4 * 33 * 31 * 640 * 2 > 4 << 20
     _compare(lambda x, v, b: ftk.block_sparse_conv2d(x, v, layout, b), [x, values, torch.randn(640)])
     # the same weights over views that are not the dense channels-last input: padded copies instead
-    for view in (x[:, :, 1:], x[:, :, :, ::2]):
+    # (NCHW: a result of NCHW planes, its 32-pixel runs streamed where a line aligns)
+    for view in (x[:, :, 1:], x[:, :, :, ::2], x.contiguous()):
         _compare(lambda x, v: ftk.block_sparse_conv2d(x, v, layout), [view, values])

@@ -64,21 +64,72 @@ Padded layout(int64_t h, int64_t w, int64_t pad_h, int64_t pad_w, int64_t sh, in
   return p;
 }
 
+// dst[a * da + b] = src[a * sa + b * sb] for a < na, b < nb (both <= 32),
+// through a tile in L1: copied straight across, each read from a line of
+// its own, an NCHW conv's forward measured 15% slower.  (aten's copies of
+// transposing views run element by element through strided iterators: an
+// NCHW input made channels-last took 5.7 ms for 10 MB of bf16 on the EPYC.)
+constexpr int64_t kCopyTile = 32;
+
+void copy_tile(const uint16_t* src, int64_t sa, int64_t sb, uint16_t* dst, int64_t da, int64_t na, int64_t nb) {
+  if (sb == 1) {
+    for (int64_t a = 0; a < na; ++a) std::memcpy(dst + a * da, src + a * sa, nb * 2);
+    return;
+  }
+  uint16_t tile[kCopyTile][kCopyTile];  // [b][a]
+  auto load = [&](auto unit_a) {  // unit_a: src's unit stride along a (NCHW planes, channels-last grad_out)
+    const int64_t step = decltype(unit_a)::value ? 1 : sa;
+    for (int64_t b = 0; b < nb; ++b)
+      for (int64_t a = 0; a < na; ++a) tile[b][a] = src[a * step + b * sb];
+  };
+  if (sa == 1) {
+    load(std::true_type{});
+  } else {
+    load(std::false_type{});
+  }
+  for (int64_t a = 0; a < na; ++a)
+    for (int64_t b = 0; b < nb; ++b) dst[a * da + b] = tile[b][a];
+}
+
+// The run of `count` pixels (cp channels each, channels [c, cp) zero) that
+// starts at src (channel stride s1, pixel stride s3), written at dst.
+void copy_pixels(const uint16_t* src, int64_t s1, int64_t s3, int64_t c, int64_t cp, uint16_t* dst, int64_t count) {
+  if (s1 == 1 && s3 == c && c == cp) {  // channels-last, blocks filled: one run
+    std::memcpy(dst, src, count * cp * 2);
+    return;
+  }
+  for (int64_t x0 = 0; x0 < count; x0 += kCopyTile)
+    for (int64_t c0 = 0; c0 < c; c0 += kCopyTile)
+      copy_tile(src + x0 * s3 + c0 * s1, s3, s1, dst + x0 * cp + c0, cp, std::min(kCopyTile, count - x0),
+                std::min(kCopyTile, c - c0));
+  if (c < cp)
+    for (int64_t x = 0; x < count; ++x) std::memset(dst + x * cp + c, 0, (cp - c) * 2);
+}
+
 Padded padded(const at::Tensor& src, int64_t pad_h, int64_t pad_w, int64_t sh, int64_t sw, int64_t cp,
               int64_t slack) {
   const int64_t n = src.size(0), c = src.size(1), h = src.size(2), w = src.size(3);
   Padded p = layout(h, w, pad_h, pad_w, sh, sw, cp);
-  p.buf = at::zeros({n * p.image_pixels + slack, cp}, src.options());
-  const at::Tensor images = p.buf.narrow(0, 0, n * p.image_pixels).view({n, sh, p.hq, p.wq, cp});
-  const at::Tensor nhwc = src.permute({0, 2, 3, 1});
-  for (int64_t phase = 0; phase < sh; ++phase) {
-    // padded rows r = q * sh + phase hold source rows r - pad_h
-    const int64_t q0 = pad_h > phase ? cdiv(pad_h - phase, sh) : 0, y0 = q0 * sh + phase - pad_h;
-    if (y0 >= h) continue;
-    const int64_t rows = cdiv(h - y0, sh);
-    images.select(1, phase).narrow(1, q0, rows).narrow(2, pad_w, w).narrow(3, 0, c).copy_(
-        nhwc.slice(1, y0, h, sh));
-  }
+  p.buf = at::empty({n * p.image_pixels + slack, cp}, src.options());
+  uint16_t* dst = static_cast<uint16_t*>(p.buf.data_ptr());
+  const uint16_t* base = static_cast<const uint16_t*>(src.data_ptr());
+  const int64_t s0 = src.stride(0), s1 = src.stride(1), s2 = src.stride(2), s3 = src.stride(3);
+  const int64_t rows = n * sh * p.hq, row_elems = p.wq * cp;  // copy rows: (image, row phase, q)
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      uint16_t* out = dst + row * row_elems;
+      const int64_t img = row / (sh * p.hq), phase = row / p.hq % sh, q = row % p.hq;
+      const int64_t y = q * sh + phase - pad_h;  // padded row q * sh + phase is source row y
+      if (y < 0 || y >= h) {
+        std::memset(out, 0, row_elems * 2);
+        continue;
+      }
+      std::memset(out, 0, pad_w * cp * 2);
+      copy_pixels(base + img * s0 + y * s2, s1, s3, c, cp, out + pad_w * cp, w);
+      std::memset(out + (pad_w + w) * cp, 0, (p.wq - pad_w - w) * cp * 2);
+    }
+  });
+  std::memset(dst + rows * row_elems, 0, slack * cp * 2);
   return p;
 }
 
@@ -331,14 +382,7 @@ at::Tensor grad_out_grid(const at::Tensor& dy, int64_t rows, int64_t kpad, int64
   uint16_t* dst = static_cast<uint16_t*>(t.data_ptr());
   const uint16_t* src = static_cast<const uint16_t*>(dy.data_ptr());
   const int64_t s0 = dy.stride(0), s1 = dy.stride(1), s2 = dy.stride(2), s3 = dy.stride(3);
-  constexpr int64_t kT = 32;
-  auto load = [&](auto unit_stride, uint16_t (*tile)[kT], const uint16_t* in, int64_t xn, int64_t cn) {
-    const int64_t step = decltype(unit_stride)::value ? 1 : s1;  // unit: channels-last, vectorizable
-    for (int64_t x = 0; x < xn; ++x)
-      for (int64_t ch = 0; ch < cn; ++ch) tile[x][ch] = in[ch * step + x * s3];
-  };
   at::parallel_for(0, n * hq, 1, [&](int64_t begin, int64_t end) {
-    uint16_t tile[kT][kT];  // [x][channel]
     for (int64_t line = begin; line < end; ++line) {
       const int64_t img = line / hq, y = line % hq, col0 = line * wq;
       if (y >= oh) {  // a grid row past the output's
@@ -346,18 +390,10 @@ at::Tensor grad_out_grid(const at::Tensor& dy, int64_t rows, int64_t kpad, int64
         continue;
       }
       const uint16_t* in = src + img * s0 + y * s2;
-      for (int64_t x0 = 0; x0 < ow; x0 += kT)
-        for (int64_t c0 = 0; c0 < c; c0 += kT) {
-          const int64_t xn = std::min(kT, ow - x0), cn = std::min(kT, c - c0);
-          const uint16_t* corner = in + c0 * s1 + x0 * s3;
-          if (s1 == 1) {
-            load(std::true_type{}, tile, corner, xn, cn);
-          } else {
-            load(std::false_type{}, tile, corner, xn, cn);
-          }
-          for (int64_t ch = 0; ch < cn; ++ch)
-            for (int64_t x = 0; x < xn; ++x) dst[(c0 + ch) * kpad + col0 + x0 + x] = tile[x][ch];
-        }
+      for (int64_t x0 = 0; x0 < ow; x0 += kCopyTile)
+        for (int64_t c0 = 0; c0 < c; c0 += kCopyTile)
+          copy_tile(in + c0 * s1 + x0 * s3, s1, s3, dst + c0 * kpad + col0 + x0, kpad, std::min(kCopyTile, c - c0),
+                    std::min(kCopyTile, ow - x0));
       for (int64_t ch = 0; ch < c; ++ch) std::memset(dst + ch * kpad + col0 + ow, 0, (wq - ow) * 2);
     }
   });
