@@ -56,6 +56,21 @@ def test_interleaved_timing_calls_each_function_in_turn(monkeypatch):
         timing.interleaved_median_seconds([make(0)], repeats=0)
 
 
+def test_kernel_rows_compare_low_precision_with_our_fp32():
+    # a bf16 row's vs_our_fp32 is our fp32 time of the same problem over its own; rows of
+    # another block, pass or shape, and fp32 rows themselves, get none
+    from freetickets_kernels.app.bench.kernels import add_vs_fp32
+
+    def row(dtype, ms, block=32, p="fwd"):
+        return {"op": "linear", "shape": "32x64->64", "pass": p, "block": block, "density": 0.1,
+                "dtype": dtype, "ours_ms": ms}
+
+    rows = [row("fp32", 3.0), row("bf16", 1.5), row("fp16", 6.0), row("bf16", 1.0, block=16),
+            row("bf16", 2.0, p="fwd+bwd")]
+    add_vs_fp32(rows)
+    assert [r["vs_our_fp32"] for r in rows] == [None, 2.0, 0.5, None, None]
+
+
 def test_model_timings_run_under_bf16_autocast():
     # --precision bf16 times the forward under CPU bf16 autocast: the model's output is bf16
     import torch

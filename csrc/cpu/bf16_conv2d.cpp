@@ -191,11 +191,121 @@ void gemm_on_copy(const Bf16Kernel& k, MakePadded make, int64_t cp, const Geom& 
   });
 }
 
-// The implicit GEMM over `src` with the conv g (see gemm_on_copy): on its
-// padded copy, or on `src` itself where that copy would be `src`.
+// Channel-major GEMMs' B: src [N, C, H, W] (bf16, any strides) padded by
+// (pad_h, pad_w) as [N][cp / 2][pixels][2]: pair row q holds channels 2q and
+// 2q + 1 of every padded pixel (row-major, W + 2 pad_w wide) side by side,
+// zero for channels >= C and past the padded image.  Each pair row is two
+// source rows zipped: no transpose.
+at::Tensor channel_pairs(const at::Tensor& src, int64_t pad_h, int64_t pad_w, int64_t cp, int64_t pixels) {
+  const int64_t n = src.size(0), c = src.size(1), h = src.size(2), w = src.size(3), wp = w + 2 * pad_w;
+  at::Tensor t = at::empty({n, cp / 2, pixels, 2}, src.options());
+  uint32_t* dst = static_cast<uint32_t*>(t.data_ptr());
+  const uint16_t* base = static_cast<const uint16_t*>(src.data_ptr());
+  const int64_t s0 = src.stride(0), s1 = src.stride(1), s2 = src.stride(2), s3 = src.stride(3);
+  auto zip = [&](auto unit_stride, uint32_t* out, const uint16_t* a, const uint16_t* b) {
+    const int64_t step = decltype(unit_stride)::value ? 1 : s3;  // unit: NCHW rows, vectorizable
+    if (b) {
+      for (int64_t x = 0; x < w; ++x) out[x] = uint32_t(a[x * step]) | uint32_t(b[x * step]) << 16;
+    } else {
+      for (int64_t x = 0; x < w; ++x) out[x] = a[x * step];
+    }
+  };
+  at::parallel_for(0, n * (cp / 2), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t img = item / (cp / 2), q = item % (cp / 2);
+      uint32_t* out = dst + item * pixels;
+      if (2 * q >= c) {
+        std::memset(out, 0, pixels * 4);
+        continue;
+      }
+      std::memset(out, 0, (pad_h * wp + pad_w) * 4);  // the top padding rows, the first row's left padding
+      const uint16_t* a = base + img * s0 + 2 * q * s1;
+      const uint16_t* b = 2 * q + 1 < c ? a + s1 : nullptr;
+      for (int64_t y = 0; y < h; ++y) {
+        uint32_t* row = out + (pad_h + y) * wp + pad_w;
+        if (s3 == 1) {
+          zip(std::true_type{}, row, a + y * s2, b ? b + y * s2 : nullptr);
+        } else {
+          zip(std::false_type{}, row, a + y * s2, b ? b + y * s2 : nullptr);
+        }
+        std::memset(row + w, 0, 2 * pad_w * 4);  // this row's right padding, the next row's left
+      }
+      const int64_t done = (pad_h + h) * wp + pad_w;
+      std::memset(out + done, 0, (pixels - done) * 4);
+    }
+  });
+  return t;
+}
+
+// The implicit GEMM of a stride-1 conv over src, channels by pixels:
+// C^T = W X, rows the output channels (A: the weights, pack_blocks_rows),
+// columns 32 virtual pixels v = y * Wp + x of the padded image (B:
+// channel_pairs; Wp = W + 2 pw; virtual pixels with x >= out_w are not
+// stored), tap (i, j) reading B at v + i*dh * Wp + j*dw.  For NCHW inputs
+// and results: the input needs its channel pairs zipped instead of a
+// transposing copy, and each row of C is a run of an output plane's pixels.
+void channel_major_gemm(const Bf16Kernel& k, const at::Tensor& src, int64_t cp, const Geom& g,
+                        const std::vector<int64_t>& chunk_ptr, const std::vector<int64_t>& chunk_col,
+                        const std::vector<ConvTerm>& terms, const at::Tensor& values, bool reduce_inner,
+                        const float* bias, at::Tensor& out) {
+  const int64_t wp = g.w + 2 * g.pw, tiles = cdiv(g.oh * wp, kTile), chunks = int64_t(chunk_col.size());
+  const int64_t far = (g.kh - 1) * g.dh * wp + (g.kw - 1) * g.dw;  // the farthest tap's offset
+  const int64_t pixels = std::max((g.h + 2 * g.ph) * wp + g.pw, tiles * kTile + far);  // channel_pairs' writes
+  const at::Tensor pairs = channel_pairs(src, g.ph, g.pw, cp, pixels);
+  const at::Tensor a = pack_blocks_rows(values, reduce_inner);
+  const int64_t ldb = pixels * 4, image_bytes = cp / 2 * ldb;
+  std::vector<Bf16Term> t;
+  for (const ConvTerm& c : terms)
+    t.push_back({c.b_block * kBf16PackedBlock * 2, c.channel / 2 * ldb + (c.i * g.dh * wp + c.j * g.dw) * 4});
+  const int64_t sn = out.stride(0), sc = out.stride(1), sy = out.stride(2), sx = out.stride(3);
+  std::vector<int64_t> col_off(size_t(tiles * kTile));
+  for (int64_t v = 0; v < tiles * kTile; ++v) {
+    const int64_t y = v / wp, x = v % wp;
+    col_off[size_t(v)] = y < g.oh && x < g.ow ? y * sy + x * sx : -1;
+  }
+  uint16_t* base = static_cast<uint16_t*>(out.data_ptr());
+  const bool stream = out.numel() * 2 > kStreamBytes;
+  bf16_blocks(k, g.n * tiles * chunks, [&](int64_t item, Bf16Block& b, uint16_t** out_rows) {
+    const int64_t img = item / (tiles * chunks), tile = item / chunks % tiles, j = item % chunks;
+    b.row_tiles = 2;
+    b.a = bytes(a);
+    b.lda = kBf16K * 2;
+    b.b = bytes(pairs) + img * image_bytes + tile * kTile * 4;
+    b.ldb = ldb;
+    b.b_half = 16 * 4;
+    b.terms = t.data() + chunk_ptr[size_t(j)];
+    b.nterms = chunk_ptr[size_t(j) + 1] - chunk_ptr[size_t(j)];
+    b.cols = kBf16Cols;
+    b.bias = bias ? bias + chunk_col[size_t(j)] : nullptr;
+    b.out_col_offsets = col_off.data() + tile * kTile;
+    b.stream = stream;
+    for (int64_t r = 0; r < kTile; ++r) {
+      const int64_t ch = chunk_col[size_t(j)] + r;
+      out_rows[r] = ch < out.size(1) ? base + img * sn + ch * sc : nullptr;
+    }
+  });
+}
+
+// Whether a conv over src into out runs channels by pixels (channel_major_gemm): stride 1, an input whose
+// channels are not its innermost dimension and a result whose pixels are (NCHW, both).
+bool runs_channel_major(const at::Tensor& src, const Geom& g, const at::Tensor& out) {
+  return g.sh == 1 && g.sw == 1 && src.size(1) > 1 && src.stride(1) != 1 && out.stride(3) == 1 &&
+         out.stride(1) != 1;
+}
+
+// The implicit GEMM over `src` with the conv g (values: its weights, their
+// blocks' reduction inner or not, as pack_blocks_vnni): channels by pixels
+// for NCHW, else on the padded copy (see gemm_on_copy), or on `src` itself
+// where that copy would be `src`.
 void implicit_gemm(const Bf16Kernel& k, const at::Tensor& src, int64_t cp, const Geom& g,
                    const std::vector<int64_t>& chunk_ptr, const std::vector<int64_t>& chunk_col,
-                   const std::vector<ConvTerm>& terms, const at::Tensor& packed, const float* bias, at::Tensor& out) {
+                   const std::vector<ConvTerm>& terms, const at::Tensor& values, bool reduce_inner,
+                   const float* bias, at::Tensor& out) {
+  if (runs_channel_major(src, g, out)) {
+    channel_major_gemm(k, src, cp, g, chunk_ptr, chunk_col, terms, values, reduce_inner, bias, out);
+    return;
+  }
+  const at::Tensor packed = pack_blocks_vnni(values, reduce_inner);
   if (!reads_in_place(src, cp, g)) {
     gemm_on_copy(k, [&](int64_t slack) { return padded(src, g.ph, g.pw, g.sh, g.sw, cp, slack); }, cp, g, chunk_ptr,
                  chunk_col, terms, packed, bias, out);
@@ -487,7 +597,7 @@ at::Tensor bf16_conv2d_forward(const Bf16Kernel& k, const at::Tensor& x, const a
       chunk_col.push_back(r * bo + grp * kBf16Cols);
     }
   at::Tensor out = conv_output({g.n, out_channels, g.oh, g.ow}, x);
-  implicit_gemm(k, x, bpt * bi, g, chunk_ptr, chunk_col, terms, pack_blocks_vnni(values, true), bias_f32, out);
+  implicit_gemm(k, x, bpt * bi, g, chunk_ptr, chunk_col, terms, values, true, bias_f32, out);
   return out;
 }
 
@@ -519,7 +629,7 @@ at::Tensor bf16_conv2d_grad_input(const Bf16Kernel& k, const at::Tensor& dy, con
       chunk_col.push_back(cb * bi + grp * kBf16Cols);
     }
   at::Tensor dx = conv_output({input_size[0], cin, input_size[2], input_size[3]}, dy);
-  implicit_gemm(k, dy, R * bo, g, chunk_ptr, chunk_col, terms, pack_blocks_vnni(values, false), nullptr, dx);
+  implicit_gemm(k, dy, R * bo, g, chunk_ptr, chunk_col, terms, values, false, nullptr, dx);
   return dx;
 }
 

@@ -10,6 +10,13 @@ const Bf16Kernel* bf16_runs(const at::Tensor& operand, int64_t bo, int64_t bi) {
   return bf16_kernel();
 }
 
+at::Tensor pack_blocks_rows(const at::Tensor& values, bool reduce_inner) {
+  const int64_t nnzb = values.size(0), bo = values.size(1), bi = values.size(2);
+  const at::Tensor v = values.contiguous().view({nnzb, bo / kBf16Cols, kBf16Cols, bi / kBf16K, kBf16K});
+  // reduce_inner: [slot][g][n][kc][k] -> [slot][g][kc][n][k]; else [slot][kc][k][g][n] -> [slot][g][kc][n][k]
+  return (reduce_inner ? v.permute({0, 1, 3, 2, 4}) : v.permute({0, 3, 1, 4, 2})).contiguous();
+}
+
 at::Tensor pack_blocks_vnni(const at::Tensor& values, bool reduce_inner) {
   const int64_t nnzb = values.size(0), bo = values.size(1), bi = values.size(2);
   const at::Tensor v = values.contiguous();
@@ -88,8 +95,6 @@ at::Tensor bf16_grad_values(const Bf16Kernel& k, const uint8_t* a, int64_t lda, 
   return dv;
 }
 
-constexpr int64_t kStreamBytes = int64_t(4) << 20;
-
 void bf16_gemm(const Bf16Kernel& k, const Bf16Gemm& g, Bf16OutRow out_row) {
   constexpr int64_t kTile = 2 * kBf16TileRows;
   const int64_t tiles = cdiv(g.rows, kTile), chunks = int64_t(g.chunk_col.size());
@@ -99,8 +104,7 @@ void bf16_gemm(const Bf16Kernel& k, const Bf16Gemm& g, Bf16OutRow out_row) {
   // streams in order.  Panels of row tiles that keep a chunk's B in L1
   // instead measured slower (docs/cpu-backend.md, "bf16 kernels").
   const int64_t groups = std::min<int64_t>(chunks, cdiv(8 * at::get_num_threads(), tiles));
-  // Results larger than the caches go straight to memory: a plain store reads each line first
-  // (kStreamBytes: a few MB, past one core's L2 on the machines measured).
+  // Results larger than the caches go straight to memory (kStreamBytes).
   const bool stream = g.rows * g.out_cols * 2 > kStreamBytes;
   const int64_t per_group = cdiv(chunks, groups);
   share_items(tiles * groups, [&](int64_t begin, int64_t end) {

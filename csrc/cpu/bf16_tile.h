@@ -43,6 +43,9 @@ struct Bf16Block {
   uint16_t* const* out_rows;     // [16 * row_tiles]: where row t's column 0 goes; nullptr: not stored
   int64_t out_col_stride;        // elements between stored columns
   bool stream = false;           // write whole 64-byte result rows with streaming stores (outputs far past L2)
+  // Where set, column j of row t goes to out_rows[t] + out_col_offsets[j] (< 0: not stored) instead, and
+  // `bias` is one float per row: a result computed channels by pixels (rows output channels, NCHW).
+  const int64_t* out_col_offsets = nullptr;
 };
 
 // One bf16 kernel: `begin` once per thread and op call before its blocks

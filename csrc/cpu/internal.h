@@ -207,6 +207,16 @@ at::Tensor pack_blocks_vnni(const at::Tensor& values, bool reduce_inner);
 constexpr int64_t kPackedLdb = 16 * 2 * 2;                   // bytes between pair rows of a packed B
 constexpr int64_t kPackedHalf = kBf16PackedBlock / 2 * 2;    // bytes from columns 0-15 to 16-31
 
+// values as the kernels' A instead (a result computed channels by pixels):
+// the same sub-blocks at the same places, each its 32 rows (columns n of
+// pack_blocks_vnni's B) of 32 reduction steps, row-major.
+at::Tensor pack_blocks_rows(const at::Tensor& values, bool reduce_inner);
+
+// Results larger than this go straight to memory with streaming stores: a
+// plain store reads each line first (a few MB: past one core's L2 on the
+// machines measured).
+constexpr int64_t kStreamBytes = int64_t(4) << 20;
+
 // C [rows, out_cols] (bf16, rows through out_row) = A [rows, ...] B: output
 // column chunk j (32 columns from chunk_col[j]) sums its terms
 // [chunk_ptr[j], chunk_ptr[j + 1]).  A's rows are lda bytes apart and

@@ -133,6 +133,16 @@ def bench_conv(spec, block, density, passes, repeats, memory_format, interleaved
     return rows
 
 
+def add_vs_fp32(rows: list[dict]) -> None:
+    """Each bf16/fp16 row's speed against our own fp32 op on the same problem in the same run (the
+    question on CPUs without AMX: is our low-precision path faster than our fp32 one?)."""
+    key = lambda r: (r["op"], r["shape"], r["pass"], r["block"], r["density"])  # noqa: E731
+    fp32 = {key(r): r["ours_ms"] for r in rows if r["dtype"] == "fp32"}
+    for r in rows:
+        theirs = fp32.get(key(r)) if r["dtype"] != "fp32" else None
+        r["vs_our_fp32"] = theirs / r["ours_ms"] if theirs else None
+
+
 def add_arguments(parser: argparse.ArgumentParser, out_default: str) -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help="torch threads for ours and dense alike (default: %(default)s)")
@@ -144,7 +154,9 @@ def add_arguments(parser: argparse.ArgumentParser, out_default: str) -> None:
                         help="conv input memory format; dense F.conv2d gets the same input")
     parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=["fp32"],
                         help="precisions to time, each against the dense op in the same precision (default fp32; "
-                             "bf16/fp16 run our widened-to-fp32 path, dense runs oneDNN in that precision)")
+                             "bf16 runs our bf16 kernels where block sides are multiples of 32, fp16 and other bf16 "
+                             "our widened-to-fp32 path; dense runs oneDNN in that precision). Low-precision rows "
+                             "also show vs_our_fp32 when fp32 is timed too")
     parser.add_argument("--interleaved", action="store_true",
                         help="call ours and dense in turn in every timed round: each op then finds the caches as the "
                              "other left them, as a layer inside a network does (default: each op timed on its own, "
@@ -194,13 +206,16 @@ def run(args: argparse.Namespace) -> int:
                 bench(first, 3)
         for job in Progress(jobs, "cpu kernels"):
             rows += bench(job, args.repeats)
-    columns = ["op", "shape", "dtype", "pass", "block", "density", "ours_ms", "dense_ms", "speedup", "ideal", "bsr_speedup"]
+    add_vs_fp32(rows)
+    columns = ["op", "shape", "dtype", "pass", "block", "density", "ours_ms", "dense_ms", "speedup", "ideal",
+               "vs_our_fp32", "bsr_speedup"]
     from freetickets_kernels.backends import cpu
 
     order = ("ours and dense (and BSR) called in turn in each round, each finding the caches as the other left "
              "them" if args.interleaved else "dense timed right after ours, each warm from its own calls")
     notes = (f"{', '.join(args.dtypes)} (dense in the same dtype), {args.threads} threads, median of {args.repeats}, {order}; dense = F.linear/F.conv2d on the "
              f"densified weight; fwd+bwd = forward + backward from a fixed random upstream gradient; "
+             f"vs_our_fp32 = our fp32 row's time over this row's (same op, shape, pass, block, density, this run); "
              f"bsr_speedup = torch.sparse BSR F.linear vs dense. cpu backend: {cpu.build_info()}")
     name = args.name or ("cpu_kernels_quick" if args.quick else "cpu_kernels")
     paths = write_results(name, rows, columns, args.out, notes)
