@@ -2,6 +2,8 @@
 
 import pytest
 
+import freetickets_kernels as ftk
+
 from freetickets_kernels.app.cli import main
 
 
@@ -56,19 +58,19 @@ def test_interleaved_timing_calls_each_function_in_turn(monkeypatch):
         timing.interleaved_median_seconds([make(0)], repeats=0)
 
 
-def test_kernel_rows_compare_low_precision_with_our_fp32():
-    # a bf16 row's vs_our_fp32 is our fp32 time of the same problem over its own; rows of
-    # another block, pass or shape, and fp32 rows themselves, get none
-    from freetickets_kernels.app.bench.kernels import add_vs_fp32
+@pytest.mark.parametrize("p", ["fwd", "fwd+bwd"])
+def test_kernel_rows_time_our_fp32_beside_low_precision(p):
+    # a bf16 row with vs_fp32 times our op on fp32 copies of its operands in the same rounds (and says
+    # by how much bf16 is faster); an fp32 row has nothing to compare with
+    from freetickets_kernels.app.bench import kernels
 
-    def row(dtype, ms, block=32, p="fwd"):
-        return {"op": "linear", "shape": "32x64->64", "pass": p, "block": block, "density": 0.1,
-                "dtype": dtype, "ours_ms": ms}
-
-    rows = [row("fp32", 3.0), row("bf16", 1.5), row("fp16", 6.0), row("bf16", 1.0, block=16),
-            row("bf16", 2.0, p="fwd+bwd")]
-    add_vs_fp32(rows)
-    assert [r["vs_our_fp32"] for r in rows] == [None, 2.0, 0.5, None, None]
+    with ftk.use_backend("reference"):
+        bf16 = kernels.bench_linear(8, 64, 64, 32, 0.5, [p], 1, True, "bf16", vs_fp32=True)
+        conv = kernels.bench_conv(("c", 1, 32, 32, 3, 4, 1, 1), 32, 0.5, [p], 1, "nchw", True, "bf16", vs_fp32=True)
+        fp32 = kernels.bench_linear(8, 64, 64, 32, 0.5, [p], 1, True, "fp32", vs_fp32=True)
+    for row in bf16 + conv:
+        assert row["dtype"] == "bf16" and row["vs_our_fp32"] > 0
+    assert fp32[0]["vs_our_fp32"] is None
 
 
 def test_model_timings_run_under_bf16_autocast():

@@ -17,7 +17,10 @@
 // blocks (ResNet's pointwise convs) needs no copy: the padded copy would be
 // the input itself, so its GEMM reads the input in place.  A forward conv
 // with few input channels (cin * kw <= 32: a stem) folds each kernel row's
-// taps into one reduction chunk (folded_forward, folded_grad_values).
+// taps into one reduction chunk (folded_forward, folded_grad_values).  A
+// stride-1 conv of an NCHW input into an NCHW result runs channels by
+// pixels instead (channel_major_gemm): the weights as A, the input's channel
+// pairs as B, so neither the input nor the result is transposed.
 #include <cstring>
 #include <type_traits>
 
@@ -436,7 +439,7 @@ PhasePlanes phase_planes_layout(int64_t h, int64_t w, int64_t pad_h, int64_t pad
 // Written by one loop straight from src: no padded copy in between.
 struct PixelPairs {
   at::Tensor t;  // [pairs, cp, 2]
-  int64_t first;
+  int64_t first = 0;
 };
 
 PixelPairs pixel_pairs(const at::Tensor& src, const PhasePlanes& pl, int64_t pad_h, int64_t pad_w, int64_t cp,
@@ -468,14 +471,46 @@ PixelPairs pixel_pairs(const at::Tensor& src, const PhasePlanes& pl, int64_t pad
     }
     std::memset(out + 2 * c, 0, (cp - c) * 4);
   };
-  at::parallel_for(0, pairs, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t pr = begin; pr < end; ++pr) {
-      const int64_t q = 2 * (first + pr) + parity;
-      if (s1 == 1) {
+  if (s1 == 1) {  // channels-last: a pair is two runs of channels, zipped
+    at::parallel_for(0, pairs, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t pr = begin; pr < end; ++pr) {
+        const int64_t q = 2 * (first + pr) + parity;
         zip(std::true_type{}, dst + pr * cp * 2, pixel(q), pixel(q + 1));
-      } else {
-        zip(std::false_type{}, dst + pr * cp * 2, pixel(q), pixel(q + 1));
       }
+    });
+    return {t, first};
+  }
+  // Channels apart (NCHW), 32 pairs at a time.  Where they are 64
+  // neighbouring source pixels (a plane without padding or stride: a 1x1
+  // conv's), each channel's 32 pairs are one run of 32 words, and the pairs
+  // go out through a 32 x 32 tile of words in L1; pair by pair, each pair
+  // takes two strided reads per channel (for ResNet's NCHW 1x1 convs these
+  // pairs took longer than grad-values' multiplies).  Other tiles: pair by pair.
+  constexpr int64_t kPairs = 32;
+  at::parallel_for(0, cdiv(pairs, kPairs), 1, [&](int64_t begin, int64_t end) {
+    const uint16_t* px[2 * kPairs];
+    uint32_t tile[kCopyTile][kPairs];  // [channel][pair]
+    for (int64_t tl = begin; tl < end; ++tl) {
+      const int64_t pr0 = tl * kPairs, np = std::min(kPairs, pairs - pr0);
+      bool run = s3 == 1;
+      for (int64_t u = 0; u < 2 * np; ++u) {
+        px[u] = pixel(2 * (first + pr0) + parity + u);
+        run = run && px[u] && px[u] == px[0] + u;
+      }
+      uint16_t* out = dst + pr0 * cp * 2;
+      if (!run) {
+        for (int64_t u = 0; u < np; ++u) zip(std::false_type{}, out + u * cp * 2, px[2 * u], px[2 * u + 1]);
+        continue;
+      }
+      for (int64_t c0 = 0; c0 < c; c0 += kCopyTile) {
+        const int64_t cn = std::min(kCopyTile, c - c0);
+        for (int64_t ch = 0; ch < cn; ++ch) std::memcpy(tile[ch], px[0] + (c0 + ch) * s1, np * 4);
+        for (int64_t u = 0; u < np; ++u) {
+          uint32_t* o = reinterpret_cast<uint32_t*>(out) + u * cp + c0;
+          for (int64_t ch = 0; ch < cn; ++ch) o[ch] = tile[ch][u];
+        }
+      }
+      for (int64_t u = 0; u < np; ++u) std::memset(out + (u * cp + c) * 2, 0, (cp - c) * 4);
     }
   });
   return {t, first};
@@ -659,13 +694,18 @@ at::Tensor bf16_conv2d_grad_values(const Bf16Kernel& k, const at::Tensor& dy, co
   const int64_t pixels = planes.plane_pixels, kpad = cdiv(pixels, kBf16K) * kBf16K;
   auto tap_offset = [&](int64_t tap) { return planes.offset(tap / g.kw * g.dh, tap % g.kw * g.dw); };
   int64_t near = std::numeric_limits<int64_t>::max(), far = 0;
+  bool parity_read[2] = {false, false};  // which copies the live taps read (a 1x1 conv's: the even one only)
   for (int32_t e = 0; e < nnzb; ++e) {  // the pixels the live blocks' taps read: [near, far + kpad)
-    near = std::min(near, tap_offset(col_idx.data_ptr<int32_t>()[e] / bpt));
-    far = std::max(far, tap_offset(col_idx.data_ptr<int32_t>()[e] / bpt));
+    const int64_t off = tap_offset(col_idx.data_ptr<int32_t>()[e] / bpt);
+    near = std::min(near, off);
+    far = std::max(far, off);
+    parity_read[off % 2] = true;
   }
   if (nnzb == 0) near = 0;
-  const PixelPairs even = pixel_pairs(x, planes, g.ph, g.pw, cp, 0, near, far + kpad + 1);
-  const PixelPairs odd = pixel_pairs(x, planes, g.ph, g.pw, cp, 1, near, far + kpad + 1);
+  auto pairs_of = [&](int64_t parity) {
+    return parity_read[parity] ? pixel_pairs(x, planes, g.ph, g.pw, cp, parity, near, far + kpad + 1) : PixelPairs{};
+  };
+  const PixelPairs even = pairs_of(0), odd = pairs_of(1);
   const at::Tensor dyt = grad_out_grid(dy, R * bo, kpad, planes.hq, planes.wq);
   const int32_t* ci = col_idx.data_ptr<int32_t>();
   return bf16_grad_values(k, bytes(dyt), kpad * 2, cp * 4, kpad / kBf16K, row_ptr, slot, bo, bi, x.options(),

@@ -76,12 +76,20 @@ def _medians(fns, repeats, interleaved):
     return [median_seconds(fn, repeats) for fn in fns]
 
 
-def bench_linear(tokens, inn, out, block, density, passes, repeats, interleaved=False, dtype="fp32"):
+def _our_fp32(op, x, values, p):
+    """Our op on fp32 copies of the operands (forward, or a training step): what a bf16/fp16 row is
+    compared with in the same rounds (``vs_our_fp32``)."""
+    xf, vf = x.float().requires_grad_(p != "fwd"), values.float().requires_grad_(p != "fwd")
+    return (lambda: op(xf, vf)) if p == "fwd" else _train_step(lambda: op(xf, vf), xf, vf)
+
+
+def bench_linear(tokens, inn, out, block, density, passes, repeats, interleaved=False, dtype="fp32", vs_fp32=False):
     w = torch.randn(out, inn)
     values, layout = BlockSparseLayout.from_dense(w, block, density=density)
     values = values.to(DTYPES[dtype])
     wd = layout.unpack(values)
     x = torch.randn(tokens, inn, dtype=DTYPES[dtype])
+    vs_fp32 = vs_fp32 and dtype != "fp32"
     rows = []
     for p in passes:
         if p == "fwd":
@@ -91,22 +99,25 @@ def bench_linear(tokens, inn, out, block, density, passes, repeats, interleaved=
                     warnings.simplefilter("ignore")  # torch.sparse BSR is "beta"
                     w_bsr = wd.to_sparse_bsr((block, block))
                 fns.append(lambda: F.linear(x, w_bsr))
-            ours, dense, *bsr = _medians(fns, repeats, interleaved)
-            bsr = bsr[0] if bsr else None
         else:
             xg, vg, wg = x.clone().requires_grad_(), values.clone().requires_grad_(), wd.clone().requires_grad_()
-            ours, dense = _medians(
-                [_train_step(lambda: ftk.block_sparse_linear(xg, vg, layout), xg, vg),
-                 _train_step(lambda: F.linear(xg, wg), xg, wg)], repeats, interleaved)
-            bsr = None
+            fns = [_train_step(lambda: ftk.block_sparse_linear(xg, vg, layout), xg, vg),
+                   _train_step(lambda: F.linear(xg, wg), xg, wg)]
+        if vs_fp32:
+            fns.append(_our_fp32(lambda a, v: ftk.block_sparse_linear(a, v, layout), x, values, p))
+        ours, dense, *more = _medians(fns, repeats, interleaved)
+        ours_fp32 = more.pop() if vs_fp32 else None
+        bsr = more[0] if more else None
         rows.append(dict(op="linear", shape=f"{tokens}x{inn}->{out}", dtype=dtype, block=block, density=density,
                          layout_density=round(layout.density, 4), **{"pass": p},
                          ours_ms=ours * 1e3, dense_ms=dense * 1e3, speedup=dense / ours,
-                         ideal=1 / density, bsr_speedup=(dense / bsr) if bsr else None))
+                         ideal=1 / density, vs_our_fp32=ours_fp32 / ours if ours_fp32 else None,
+                         bsr_speedup=(dense / bsr) if bsr else None))
     return rows
 
 
-def bench_conv(spec, block, density, passes, repeats, memory_format, interleaved=False, dtype="fp32"):
+def bench_conv(spec, block, density, passes, repeats, memory_format, interleaved=False, dtype="fp32",
+               vs_fp32=False):
     name, batch, cin, cout, k, hw, stride, padding = spec
     w = torch.randn(cout, cin, k, k)
     values, layout = BlockSparseLayout.from_dense(w, block, density=density)
@@ -114,33 +125,26 @@ def bench_conv(spec, block, density, passes, repeats, memory_format, interleaved
     wd = layout.unpack(values)
     fmt = torch.channels_last if memory_format == "channels_last" else torch.contiguous_format
     x = torch.randn(batch, cin, hw, hw, dtype=DTYPES[dtype]).contiguous(memory_format=fmt)
+    vs_fp32 = vs_fp32 and dtype != "fp32"
     rows = []
     for p in passes:
         if p == "fwd":
-            ours, dense = _medians(
-                [lambda: ftk.block_sparse_conv2d(x, values, layout, None, stride, padding),
-                 lambda: F.conv2d(x, wd, None, stride, padding)], repeats, interleaved)
+            fns = [lambda: ftk.block_sparse_conv2d(x, values, layout, None, stride, padding),
+                   lambda: F.conv2d(x, wd, None, stride, padding)]
         else:
             xg, vg, wg = x.clone().requires_grad_(), values.clone().requires_grad_(), wd.clone().requires_grad_()
-            ours, dense = _medians(
-                [_train_step(lambda: ftk.block_sparse_conv2d(xg, vg, layout, None, stride, padding), xg, vg),
-                 _train_step(lambda: F.conv2d(xg, wg, None, stride, padding), xg, wg)], repeats, interleaved)
+            fns = [_train_step(lambda: ftk.block_sparse_conv2d(xg, vg, layout, None, stride, padding), xg, vg),
+                   _train_step(lambda: F.conv2d(xg, wg, None, stride, padding), xg, wg)]
+        if vs_fp32:
+            fns.append(_our_fp32(lambda a, v: ftk.block_sparse_conv2d(a, v, layout, None, stride, padding), x, values,
+                                 p))
+        ours, dense, *more = _medians(fns, repeats, interleaved)
         rows.append(dict(op="conv2d", shape=f"{name} b{batch} {memory_format}", dtype=dtype, block=block,
                          density=density,
                          layout_density=round(layout.density, 4), **{"pass": p},
                          ours_ms=ours * 1e3, dense_ms=dense * 1e3, speedup=dense / ours,
-                         ideal=1 / density, bsr_speedup=None))
+                         ideal=1 / density, vs_our_fp32=more[0] / ours if more else None, bsr_speedup=None))
     return rows
-
-
-def add_vs_fp32(rows: list[dict]) -> None:
-    """Each bf16/fp16 row's speed against our own fp32 op on the same problem in the same run (the
-    question on CPUs without AMX: is our low-precision path faster than our fp32 one?)."""
-    key = lambda r: (r["op"], r["shape"], r["pass"], r["block"], r["density"])  # noqa: E731
-    fp32 = {key(r): r["ours_ms"] for r in rows if r["dtype"] == "fp32"}
-    for r in rows:
-        theirs = fp32.get(key(r)) if r["dtype"] != "fp32" else None
-        r["vs_our_fp32"] = theirs / r["ours_ms"] if theirs else None
 
 
 def add_arguments(parser: argparse.ArgumentParser, out_default: str) -> None:
@@ -155,8 +159,8 @@ def add_arguments(parser: argparse.ArgumentParser, out_default: str) -> None:
     parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=["fp32"],
                         help="precisions to time, each against the dense op in the same precision (default fp32; "
                              "bf16 runs our bf16 kernels where block sides are multiples of 32, fp16 and other bf16 "
-                             "our widened-to-fp32 path; dense runs oneDNN in that precision). Low-precision rows "
-                             "also show vs_our_fp32 when fp32 is timed too")
+                             "our widened-to-fp32 path; dense runs oneDNN in that precision). With fp32 among them, "
+                             "each low-precision row also times our fp32 op beside ours (vs_our_fp32)")
     parser.add_argument("--interleaved", action="store_true",
                         help="call ours and dense in turn in every timed round: each op then finds the caches as the "
                              "other left them, as a layer inside a network does (default: each op timed on its own, "
@@ -190,10 +194,11 @@ def run(args: argparse.Namespace) -> int:
             jobs += [("conv2d", (spec, fmt), block, d, t) for d in args.densities for t in args.dtypes]
     def bench(job, repeats):
         op, shape, block, density, dtype = job
+        vs_fp32 = "fp32" in args.dtypes  # each low-precision row also times our fp32 op beside it
         if op == "linear":
-            return bench_linear(*shape, block, density, args.passes, repeats, args.interleaved, dtype)
+            return bench_linear(*shape, block, density, args.passes, repeats, args.interleaved, dtype, vs_fp32)
         spec, fmt = shape
-        return bench_conv(spec, block, density, args.passes, repeats, fmt, args.interleaved, dtype)
+        return bench_conv(spec, block, density, args.passes, repeats, fmt, args.interleaved, dtype, vs_fp32)
 
     rows = []
     with ftk.use_backend("cpu"):
@@ -206,7 +211,6 @@ def run(args: argparse.Namespace) -> int:
                 bench(first, 3)
         for job in Progress(jobs, "cpu kernels"):
             rows += bench(job, args.repeats)
-    add_vs_fp32(rows)
     columns = ["op", "shape", "dtype", "pass", "block", "density", "ours_ms", "dense_ms", "speedup", "ideal",
                "vs_our_fp32", "bsr_speedup"]
     from freetickets_kernels.backends import cpu
@@ -215,7 +219,7 @@ def run(args: argparse.Namespace) -> int:
              "them" if args.interleaved else "dense timed right after ours, each warm from its own calls")
     notes = (f"{', '.join(args.dtypes)} (dense in the same dtype), {args.threads} threads, median of {args.repeats}, {order}; dense = F.linear/F.conv2d on the "
              f"densified weight; fwd+bwd = forward + backward from a fixed random upstream gradient; "
-             f"vs_our_fp32 = our fp32 row's time over this row's (same op, shape, pass, block, density, this run); "
+             f"vs_our_fp32 = our op on fp32 copies of this row's operands, timed beside it, over ours; "
              f"bsr_speedup = torch.sparse BSR F.linear vs dense. cpu backend: {cpu.build_info()}")
     name = args.name or ("cpu_kernels_quick" if args.quick else "cpu_kernels")
     paths = write_results(name, rows, columns, args.out, notes)
