@@ -137,7 +137,8 @@ STRIDED_VIEWS = {
     # name: (weight shape, stride, padding, channels-last base input, the view of it the op gets)
     "every_other_row": ((32, 32, 3, 3), 1, 1, (2, 32, 12, 12), lambda t: t[:, :, ::2]),
     "cropped": ((32, 32, 3, 3), 1, 1, (2, 32, 12, 12), lambda t: t[..., 1:7]),
-    # NCHW bases: the padded copy transposes planes (cropped: unit pixel stride; every other column: none)
+    # NCHW bases (cropped, stride 1: channels by pixels, channel pairs zipped through the strides; every
+    # other column, stride 2: the padded copy transposes planes with no unit stride at all)
     "nchw cropped": ((64, 48, 3, 3), 1, 1, (2, 48, 12, 40), lambda t: t.contiguous()[..., 1:37]),
     "nchw every_other_column": ((32, 32, 3, 3), 2, 1, (2, 32, 12, 24), lambda t: t.contiguous()[..., ::2]),
     # few channels: the folded copy gathers through the strides (cropped: channels-last runs)
