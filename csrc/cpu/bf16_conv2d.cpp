@@ -21,6 +21,7 @@
 // stride-1 conv of an NCHW input into an NCHW result runs channels by
 // pixels instead (channel_major_gemm): the weights as A, the input's channel
 // pairs as B, so neither the input nor the result is transposed.
+#include <algorithm>
 #include <cstring>
 #include <type_traits>
 
@@ -194,14 +195,35 @@ void gemm_on_copy(const Bf16Kernel& k, MakePadded make, int64_t cp, const Geom& 
   });
 }
 
-// Channel-major GEMMs' B: src [N, C, H, W] (bf16, any strides) padded by
-// (pad_h, pad_w) as [N][cp / 2][pixels][2]: pair row q holds channels 2q and
-// 2q + 1 of every padded pixel (row-major, W + 2 pad_w wide) side by side,
-// zero for channels >= C and past the padded image.  Each pair row is two
-// source rows zipped: no transpose.
-at::Tensor channel_pairs(const at::Tensor& src, int64_t pad_h, int64_t pad_w, int64_t cp, int64_t pixels) {
+// The chunks of kBf16K channels of an operand (of `channels`, padded to
+// whole blocks) that the live blocks read, in channel order: B is built for
+// these only (a sparse 1x1 conv's blocks read about half of its input
+// channels), the chunk of `channel` at position place(channel).
+struct ReadChunks {
+  std::vector<int64_t> first;  // each chunk's first channel, ascending
+  std::vector<int64_t> where;  // chunk -> its position in `first`; -1: not read (until done(): >= 0 marks read)
+  explicit ReadChunks(int64_t channels) : where(size_t(cdiv(channels, kBf16K)), -1) {}
+  void add(int64_t channel) { where[size_t(channel / kBf16K)] = 0; }
+  ReadChunks& done() {
+    for (size_t q = 0; q < where.size(); ++q)
+      if (where[q] >= 0) where[q] = int64_t(first.size()), first.push_back(int64_t(q) * kBf16K);
+    return *this;
+  }
+  int64_t size() const { return int64_t(first.size()); }
+  int64_t place(int64_t channel) const { return where[size_t(channel / kBf16K)]; }
+};
+
+// Channel-major GEMMs' B: the chunks `rc` of src [N, C, H, W] (bf16, any
+// strides) padded by (pad_h, pad_w) as [N][rc.size() * kBf16K / 2][pixels][2]:
+// pair row q of chunk d holds channels rc.first[d] + 2q and + 2q + 1 of every
+// padded pixel (row-major, W + 2 pad_w wide) side by side, zero for channels
+// >= C and past the padded image.  Each pair row is two source rows zipped:
+// no transpose.
+at::Tensor channel_pairs(const at::Tensor& src, int64_t pad_h, int64_t pad_w, const ReadChunks& rc,
+                         int64_t pixels) {
   const int64_t n = src.size(0), c = src.size(1), h = src.size(2), w = src.size(3), wp = w + 2 * pad_w;
-  at::Tensor t = at::empty({n, cp / 2, pixels, 2}, src.options());
+  const int64_t rows = rc.size() * kBf16K / 2;  // pair rows per image
+  at::Tensor t = at::empty({n, rows, pixels, 2}, src.options());
   uint32_t* dst = static_cast<uint32_t*>(t.data_ptr());
   const uint16_t* base = static_cast<const uint16_t*>(src.data_ptr());
   const int64_t s0 = src.stride(0), s1 = src.stride(1), s2 = src.stride(2), s3 = src.stride(3);
@@ -213,17 +235,18 @@ at::Tensor channel_pairs(const at::Tensor& src, int64_t pad_h, int64_t pad_w, in
       for (int64_t x = 0; x < w; ++x) out[x] = a[x * step];
     }
   };
-  at::parallel_for(0, n * (cp / 2), 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n * rows, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t img = item / (cp / 2), q = item % (cp / 2);
+      const int64_t img = item / rows, r = item % rows;
+      const int64_t ch = rc.first[size_t(r / (kBf16K / 2))] + 2 * (r % (kBf16K / 2));
       uint32_t* out = dst + item * pixels;
-      if (2 * q >= c) {
+      if (ch >= c) {
         std::memset(out, 0, pixels * 4);
         continue;
       }
       std::memset(out, 0, (pad_h * wp + pad_w) * 4);  // the top padding rows, the first row's left padding
-      const uint16_t* a = base + img * s0 + 2 * q * s1;
-      const uint16_t* b = 2 * q + 1 < c ? a + s1 : nullptr;
+      const uint16_t* a = base + img * s0 + ch * s1;
+      const uint16_t* b = ch + 1 < c ? a + s1 : nullptr;
       for (int64_t y = 0; y < h; ++y) {
         uint32_t* row = out + (pad_h + y) * wp + pad_w;
         if (s3 == 1) {
@@ -254,12 +277,15 @@ void channel_major_gemm(const Bf16Kernel& k, const at::Tensor& src, int64_t cp, 
   const int64_t wp = g.w + 2 * g.pw, tiles = cdiv(g.oh * wp, kTile), chunks = int64_t(chunk_col.size());
   const int64_t far = (g.kh - 1) * g.dh * wp + (g.kw - 1) * g.dw;  // the farthest tap's offset
   const int64_t pixels = std::max((g.h + 2 * g.ph) * wp + g.pw, tiles * kTile + far);  // channel_pairs' writes
-  const at::Tensor pairs = channel_pairs(src, g.ph, g.pw, cp, pixels);
+  ReadChunks rc(cp);
+  for (const ConvTerm& c : terms) rc.add(c.channel);
+  const at::Tensor pairs = channel_pairs(src, g.ph, g.pw, rc.done(), pixels);
   const at::Tensor a = pack_blocks_rows(values, reduce_inner);
-  const int64_t ldb = pixels * 4, image_bytes = cp / 2 * ldb;
+  const int64_t ldb = pixels * 4, image_bytes = rc.size() * kBf16K / 2 * ldb;
   std::vector<Bf16Term> t;
   for (const ConvTerm& c : terms)
-    t.push_back({c.b_block * kBf16PackedBlock * 2, c.channel / 2 * ldb + (c.i * g.dh * wp + c.j * g.dw) * 4});
+    t.push_back({c.b_block * kBf16PackedBlock * 2,
+                 (rc.place(c.channel) * kBf16K + c.channel % kBf16K) / 2 * ldb + (c.i * g.dh * wp + c.j * g.dw) * 4});
   const int64_t sn = out.stride(0), sc = out.stride(1), sy = out.stride(2), sx = out.stride(3);
   std::vector<int64_t> col_off(size_t(tiles * kTile));
   for (int64_t v = 0; v < tiles * kTile; ++v) {
@@ -433,18 +459,18 @@ PhasePlanes phase_planes_layout(int64_t h, int64_t w, int64_t pad_h, int64_t pad
 }
 
 // Grad-values' B: pixels q of the planes `pl` of src [N, C, H, W] (bf16, any
-// strides; channels padded to cp, zero past the planes) in VNNI pairs,
-// pair t = pixels (2t + parity, 2t + parity + 1) as [pair][channel][2], for
-// the pairs that hold pixels [lo, hi) only (`first` = the first pair's t).
+// strides) in VNNI pairs, pair t = pixels (2t + parity, 2t + parity + 1) as
+// [pair][channel][2], for the pairs that hold pixels [lo, hi) only (`first`
+// = the first pair's t), and for the channel chunks `rc` only (zero past C).
 // Written by one loop straight from src: no padded copy in between.
 struct PixelPairs {
-  at::Tensor t;  // [pairs, cp, 2]
+  at::Tensor t;  // [pairs, rc.size() * kBf16K, 2]
   int64_t first = 0;
 };
 
-PixelPairs pixel_pairs(const at::Tensor& src, const PhasePlanes& pl, int64_t pad_h, int64_t pad_w, int64_t cp,
-                       int64_t parity, int64_t lo, int64_t hi) {
-  const int64_t c = src.size(1), h = src.size(2), w = src.size(3);
+PixelPairs pixel_pairs(const at::Tensor& src, const PhasePlanes& pl, int64_t pad_h, int64_t pad_w,
+                       const ReadChunks& rc, int64_t parity, int64_t lo, int64_t hi) {
+  const int64_t c = src.size(1), h = src.size(2), w = src.size(3), cp = rc.size() * kBf16K;
   const int64_t first = (lo - parity) / 2, pairs = cdiv(hi - parity, 2) - first;
   at::Tensor t = at::empty({pairs, cp, 2}, src.options());
   uint16_t* dst = static_cast<uint16_t*>(t.data_ptr());
@@ -458,18 +484,22 @@ PixelPairs pixel_pairs(const at::Tensor& src, const PhasePlanes& pl, int64_t pad
                   x = rest % pl.wq * pl.sw + plane % pl.sw - pad_w;
     return y >= 0 && y < h && x >= 0 && x < w ? base + n * s0 + y * s2 + x * s3 : nullptr;
   };
+  auto live = [&](int64_t d) { return std::clamp<int64_t>(c - rc.first[size_t(d)], 0, kBf16K); };  // below C
   auto zip = [&](auto unit_stride, uint16_t* out, const uint16_t* a, const uint16_t* b) {
     const int64_t step = decltype(unit_stride)::value ? 1 : s1;  // unit: vectorizable interleave
-    if (a && b) {
-      for (int64_t ch = 0; ch < c; ++ch) out[2 * ch] = a[ch * step], out[2 * ch + 1] = b[ch * step];
-    } else if (a || b) {
-      const uint16_t* p = a ? a : b;
-      const int64_t live = a ? 0 : 1;
-      for (int64_t ch = 0; ch < c; ++ch) out[2 * ch + live] = p[ch * step], out[2 * ch + 1 - live] = 0;
-    } else {
-      std::memset(out, 0, c * 4);
+    for (int64_t d = 0; d < rc.size(); ++d, out += 2 * kBf16K) {
+      const int64_t c0 = rc.first[size_t(d)], n = live(d);
+      if (a && b) {
+        for (int64_t ch = 0; ch < n; ++ch) out[2 * ch] = a[(c0 + ch) * step], out[2 * ch + 1] = b[(c0 + ch) * step];
+      } else if (a || b) {
+        const uint16_t* p = a ? a : b;
+        const int64_t one = a ? 0 : 1;
+        for (int64_t ch = 0; ch < n; ++ch) out[2 * ch + one] = p[(c0 + ch) * step], out[2 * ch + 1 - one] = 0;
+      } else {
+        std::memset(out, 0, n * 4);
+      }
+      std::memset(out + 2 * n, 0, (kBf16K - n) * 4);
     }
-    std::memset(out + 2 * c, 0, (cp - c) * 4);
   };
   if (s1 == 1) {  // channels-last: a pair is two runs of channels, zipped
     at::parallel_for(0, pairs, 64, [&](int64_t begin, int64_t end) {
@@ -487,6 +517,7 @@ PixelPairs pixel_pairs(const at::Tensor& src, const PhasePlanes& pl, int64_t pad
   // takes two strided reads per channel (for ResNet's NCHW 1x1 convs these
   // pairs took longer than grad-values' multiplies).  Other tiles: pair by pair.
   constexpr int64_t kPairs = 32;
+  static_assert(kCopyTile == kBf16K, "a tile: one chunk's channels");
   at::parallel_for(0, cdiv(pairs, kPairs), 1, [&](int64_t begin, int64_t end) {
     const uint16_t* px[2 * kPairs];
     uint32_t tile[kCopyTile][kPairs];  // [channel][pair]
@@ -502,51 +533,58 @@ PixelPairs pixel_pairs(const at::Tensor& src, const PhasePlanes& pl, int64_t pad
         for (int64_t u = 0; u < np; ++u) zip(std::false_type{}, out + u * cp * 2, px[2 * u], px[2 * u + 1]);
         continue;
       }
-      for (int64_t c0 = 0; c0 < c; c0 += kCopyTile) {
-        const int64_t cn = std::min(kCopyTile, c - c0);
-        for (int64_t ch = 0; ch < cn; ++ch) std::memcpy(tile[ch], px[0] + (c0 + ch) * s1, np * 4);
+      for (int64_t d = 0; d < rc.size(); ++d) {
+        const int64_t cn = live(d);
+        for (int64_t ch = 0; ch < cn; ++ch) std::memcpy(tile[ch], px[0] + (rc.first[size_t(d)] + ch) * s1, np * 4);
+        for (int64_t ch = cn; ch < kCopyTile; ++ch) std::memset(tile[ch], 0, np * 4);
         for (int64_t u = 0; u < np; ++u) {
-          uint32_t* o = reinterpret_cast<uint32_t*>(out) + u * cp + c0;
-          for (int64_t ch = 0; ch < cn; ++ch) o[ch] = tile[ch][u];
+          uint32_t* o = reinterpret_cast<uint32_t*>(out) + u * cp + d * kBf16K;
+          for (int64_t ch = 0; ch < kCopyTile; ++ch) o[ch] = tile[ch][u];
         }
       }
-      for (int64_t u = 0; u < np; ++u) std::memset(out + (u * cp + c) * 2, 0, (cp - c) * 4);
     }
   });
   return {t, first};
 }
 
-// Grad-values' A: grad_out^T on the reduction grid, [rows, kpad] (bf16):
-// row co, column (n * hq + y) * wq + x holds dy[n, co, y, x] (zeros
-// elsewhere).  Our own transpose, through 32 x 32 tiles in L1: aten's
-// transposing copy of a channels-last grad_out cost more than the
-// multiplies it feeds.
-at::Tensor grad_out_grid(const at::Tensor& dy, int64_t rows, int64_t kpad, int64_t hq, int64_t wq) {
+// Grad-values' A: grad_out^T on the reduction grid for the channel chunks
+// `rc` (the live block rows'), [rc.size() * kBf16K, kpad] (bf16): row
+// d * kBf16K + r, column (n * hq + y) * wq + x holds dy[n, rc.first[d] + r, y, x]
+// (zeros elsewhere, and past the channels).  Our own transpose, through
+// 32 x 32 tiles in L1: aten's transposing copy of a channels-last grad_out
+// cost more than the multiplies it feeds.
+at::Tensor grad_out_grid(const at::Tensor& dy, const ReadChunks& rc, int64_t kpad, int64_t hq, int64_t wq) {
   const int64_t n = dy.size(0), c = dy.size(1), oh = dy.size(2), ow = dy.size(3), grid = n * hq * wq;
+  const int64_t rows = rc.size() * kBf16K;
+  auto live = [&](int64_t row) { return rc.first[size_t(row / kBf16K)] + row % kBf16K < c; };  // a channel's row
   at::Tensor t = at::empty({rows, kpad}, dy.options());
   uint16_t* dst = static_cast<uint16_t*>(t.data_ptr());
   const uint16_t* src = static_cast<const uint16_t*>(dy.data_ptr());
   const int64_t s0 = dy.stride(0), s1 = dy.stride(1), s2 = dy.stride(2), s3 = dy.stride(3);
-  at::parallel_for(0, n * hq, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t line = begin; line < end; ++line) {
-      const int64_t img = line / hq, y = line % hq, col0 = line * wq;
-      if (y >= oh) {  // a grid row past the output's
-        for (int64_t ch = 0; ch < c; ++ch) std::memset(dst + ch * kpad + col0, 0, wq * 2);
-        continue;
+  // Items: runs of kCopyTile grid columns of one (image, grid row) line (a
+  // linear's tokens are one line).
+  const int64_t runs = cdiv(wq, kCopyTile);
+  at::parallel_for(0, n * hq * runs, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t line = item / runs, img = line / hq, y = line % hq, x0 = item % runs * kCopyTile;
+      const int64_t x1 = std::min(x0 + kCopyTile, wq), stored = y < oh ? std::clamp<int64_t>(ow - x0, 0, x1 - x0) : 0;
+      uint16_t* col = dst + line * wq + x0;  // row 0's column x0 of this line
+      static_assert(kCopyTile == kBf16K, "a tile: one chunk's channels");
+      for (int64_t d = 0; d < rc.size() && stored > 0; ++d) {
+        const int64_t c0 = rc.first[size_t(d)];
+        if (c0 < c)
+          copy_tile(src + img * s0 + y * s2 + c0 * s1 + x0 * s3, s1, s3, col + d * kBf16K * kpad, kpad,
+                    std::min(kCopyTile, c - c0), stored);
       }
-      const uint16_t* in = src + img * s0 + y * s2;
-      for (int64_t x0 = 0; x0 < ow; x0 += kCopyTile)
-        for (int64_t c0 = 0; c0 < c; c0 += kCopyTile)
-          copy_tile(in + c0 * s1 + x0 * s3, s1, s3, dst + c0 * kpad + col0 + x0, kpad, std::min(kCopyTile, c - c0),
-                    std::min(kCopyTile, ow - x0));
-      for (int64_t ch = 0; ch < c; ++ch) std::memset(dst + ch * kpad + col0 + ow, 0, (wq - ow) * 2);
+      for (int64_t row = 0; row < rows && stored < x1 - x0; ++row)  // the grid columns past the output's
+        if (live(row)) std::memset(col + row * kpad + stored, 0, (x1 - x0 - stored) * 2);
     }
   });
-  for (int64_t ch = 0; ch < rows; ++ch) {  // the reduction's tail, and the rows past the channels
-    if (ch < c) {
-      std::memset(dst + ch * kpad + grid, 0, (kpad - grid) * 2);
+  for (int64_t row = 0; row < rows; ++row) {  // the reduction's tail, and the rows past the channels
+    if (live(row)) {
+      std::memset(dst + row * kpad + grid, 0, (kpad - grid) * 2);
     } else {
-      std::memset(dst + ch * kpad, 0, kpad * 2);
+      std::memset(dst + row * kpad, 0, kpad * 2);
     }
   }
   return t;
@@ -675,7 +713,7 @@ at::Tensor bf16_conv2d_grad_values(const Bf16Kernel& k, const at::Tensor& dy, co
   const Geom g = geom(x.sizes(), dy.size(1), kernel, stride, padding, dilation);
   TORCH_CHECK(g.oh == dy.size(2) && g.ow == dy.size(3), "freetickets_cpu: grad_out does not match the conv's output");
   const int64_t bo = block_size[0], bi = block_size[1], nnzb = col_idx.numel();
-  const int64_t bpt = cdiv(g.cin, bi), R = row_ptr.numel() - 1, cp = bpt * bi;
+  const int64_t bpt = cdiv(g.cin, bi), R = row_ptr.numel() - 1;
   check_indices(row_ptr, col_idx, slot, g.kh * g.kw * bpt, nnzb, "BSR");
   TORCH_CHECK(R == cdiv(g.cout, bo), "freetickets_cpu: row_ptr does not match grad_out's channels");
   if (folds_taps(g))
@@ -702,17 +740,28 @@ at::Tensor bf16_conv2d_grad_values(const Bf16Kernel& k, const at::Tensor& dy, co
     parity_read[off % 2] = true;
   }
   if (nnzb == 0) near = 0;
+  ReadChunks rc(bpt * bi);  // a block's chunks, all read, are consecutive in B
+  for (int32_t e = 0; e < nnzb; ++e)
+    for (int64_t c0 = 0; c0 < bi; c0 += kBf16K) rc.add(col_idx.data_ptr<int32_t>()[e] % bpt * bi + c0);
+  rc.done();
   auto pairs_of = [&](int64_t parity) {
-    return parity_read[parity] ? pixel_pairs(x, planes, g.ph, g.pw, cp, parity, near, far + kpad + 1) : PixelPairs{};
+    return parity_read[parity] ? pixel_pairs(x, planes, g.ph, g.pw, rc, parity, near, far + kpad + 1)
+                               : PixelPairs{};
   };
   const PixelPairs even = pairs_of(0), odd = pairs_of(1);
-  const at::Tensor dyt = grad_out_grid(dy, R * bo, kpad, planes.hq, planes.wq);
+  ReadChunks rows(R * bo);  // the live block rows' channels of grad_out
+  for (int64_t r = 0; r < R; ++r)
+    if (row_ptr.data_ptr<int32_t>()[r + 1] > row_ptr.data_ptr<int32_t>()[r])
+      for (int64_t c0 = 0; c0 < bo; c0 += kBf16K) rows.add(r * bo + c0);
+  const at::Tensor dyt = grad_out_grid(dy, rows.done(), kpad, planes.hq, planes.wq);
   const int32_t* ci = col_idx.data_ptr<int32_t>();
-  return bf16_grad_values(k, bytes(dyt), kpad * 2, cp * 4, kpad / kBf16K, row_ptr, slot, bo, bi, x.options(),
+  const int64_t ldb = rc.size() * kBf16K * 4;
+  return bf16_grad_values(k, kpad * 2, ldb, kpad / kBf16K, row_ptr, slot, bo, bi, x.options(),
+                          [&](int64_t r) { return bytes(dyt) + rows.place(r * bo) * kBf16K * kpad * 2; },
                           [&](int64_t e) {
                             const int64_t off = tap_offset(ci[e] / bpt), cb = ci[e] % bpt;
                             const PixelPairs& b = off % 2 ? odd : even;
-                            return bytes(b.t) + ((off - off % 2) / 2 - b.first) * cp * 4 + cb * bi * 4;
+                            return bytes(b.t) + ((off - off % 2) / 2 - b.first) * ldb + rc.place(cb * bi) * kBf16K * 4;
                           });
 }
 

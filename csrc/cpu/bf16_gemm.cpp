@@ -65,9 +65,9 @@ void bf16_blocks(const Bf16Kernel& k, int64_t n, Bf16Fill fill) {
   });
 }
 
-at::Tensor bf16_grad_values(const Bf16Kernel& k, const uint8_t* a, int64_t lda, int64_t ldb, int64_t steps,
-                            const at::Tensor& row_ptr, const at::Tensor& slot, int64_t bo, int64_t bi,
-                            const at::TensorOptions& options, Bf16BlockB b_of) {
+at::Tensor bf16_grad_values(const Bf16Kernel& k, int64_t lda, int64_t ldb, int64_t steps, const at::Tensor& row_ptr,
+                            const at::Tensor& slot, int64_t bo, int64_t bi, const at::TensorOptions& options,
+                            Bf16RowsA a_of, Bf16BlockB b_of) {
   const int64_t nnzb = slot.numel(), R = row_ptr.numel() - 1;
   std::vector<Bf16Term> terms;  // every block reduces over the same steps
   for (int64_t t = 0; t < steps; ++t) terms.push_back({t * kBf16K * 2, t * kBf16K / 2 * ldb});
@@ -81,7 +81,7 @@ at::Tensor bf16_grad_values(const Bf16Kernel& k, const uint8_t* a, int64_t lda, 
   bf16_blocks(k, nnzb * og * ig, [&](int64_t item, Bf16Block& b, uint16_t** out_rows) {
     const int64_t e = item / (og * ig), o = item / ig % og, i = item % ig;
     b.row_tiles = 2;
-    b.a = a + (block_row[size_t(e)] * bo + o * kBf16Cols) * lda;
+    b.a = a_of(block_row[size_t(e)]) + o * kBf16Cols * lda;
     b.lda = lda;
     b.b = b_of(e) + i * kBf16Cols * 4;
     b.ldb = ldb;

@@ -1,6 +1,6 @@
 // Linear ops on bfloat16 operands through the bf16 kernel (bf16_tile.h):
 // y = x W^T + b and dx = dy W as row-tile GEMMs over packed blocks, and
-// dv = dy^T x per live block over the tokens.  float32 accumulation, one
+// dv = dy^T x per live block over the tokens (as a 1x1 conv's).  float32 accumulation, one
 // rounding to bf16 per result.
 #include "internal.h"
 
@@ -79,22 +79,14 @@ at::Tensor bf16_linear_grad_input(const Bf16Kernel& k, const at::Tensor& dy, con
 at::Tensor bf16_linear_grad_values(const Bf16Kernel& k, const at::Tensor& dy, const at::Tensor& x,
                                    const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& slot,
                                    at::IntArrayRef block_size) {
-  const int64_t n = dy.size(0), out = dy.size(1), in = x.size(1), bo = block_size[0], bi = block_size[1];
-  const int64_t nnzb = col_idx.numel(), R = row_ptr.numel() - 1, C = cdiv(in, bi);
-  check_indices(row_ptr, col_idx, slot, C, nnzb, "BSR");
-  TORCH_CHECK(R == cdiv(out, bo), "freetickets_cpu: row_ptr does not match grad_out's features");
-  // The reduction runs over tokens: A = dy^T (features x tokens), B = x in
-  // VNNI pairs of tokens ([tokens / 2][features][2]); both zero-padded to
-  // whole blocks and 32 tokens, so padding contributes nothing.
-  const int64_t np = cdiv(std::max<int64_t>(n, 1), kBf16K) * kBf16K;
-  at::Tensor dyt = at::zeros({R * bo, np}, dy.options());
-  dyt.narrow(0, 0, out).narrow(1, 0, n).copy_(dy.t());
-  at::Tensor xp = at::zeros({np, C * bi}, x.options());
-  xp.narrow(0, 0, n).narrow(1, 0, in).copy_(x);
-  const at::Tensor xv = xp.view({np / 2, 2, C * bi}).permute({0, 2, 1}).contiguous();
-  const int32_t* ci = col_idx.data_ptr<int32_t>();
-  return bf16_grad_values(k, bytes(dyt), np * 2, C * bi * 4, np / kBf16K, row_ptr, slot, bo, bi, x.options(),
-                          [&](int64_t e) { return bytes(xv) + ci[e] * bi * 4; });
+  if (x.size(0) == 0) return at::zeros({col_idx.numel(), block_size[0], block_size[1]}, x.options());  // no tokens
+  // The tokens as the pixels of one 1 x n channels-last image: dv is that 1x1
+  // conv's, whose operand builders copy the read chunks of x and the live
+  // rows of dy only (aten's copies into padded, transposed buffers took
+  // longer than the multiplies).
+  auto image = [](const at::Tensor& t) { return t.t().unsqueeze(0).unsqueeze(2); };  // [1, features, 1, n]
+  return bf16_conv2d_grad_values(k, image(dy), image(x), row_ptr, col_idx, slot, block_size, {1, 1}, {1, 1},
+                                 {0, 0}, {1, 1});
 }
 
 }  // namespace ftk_cpu

@@ -246,14 +246,15 @@ void bf16_gemm(const Bf16Kernel& k, const Bf16Gemm& g, Bf16OutRow out_row);
 using Bf16Fill = c10::function_ref<void(int64_t i, Bf16Block& block, uint16_t** out_rows)>;
 void bf16_blocks(const Bf16Kernel& k, int64_t n, Bf16Fill fill);
 
-// Grad-values: dv [nnzb, Bo, Bi] (bf16), block e = A (its block row's Bo
-// rows of grad_out^T, lda bytes apart, from `a`) times B (b_of(e): its Bi
+// Grad-values: dv [nnzb, Bo, Bi] (bf16), block e = A (a_of(r): its block
+// row r's Bo rows of grad_out^T, lda bytes apart) times B (b_of(e): its Bi
 // columns, in VNNI pairs of reduction steps ldb bytes apart), over `steps`
 // chunks of 32 reduction steps.  The threads share out the blocks.
+using Bf16RowsA = c10::function_ref<const uint8_t*(int64_t r)>;
 using Bf16BlockB = c10::function_ref<const uint8_t*(int64_t e)>;
-at::Tensor bf16_grad_values(const Bf16Kernel& k, const uint8_t* a, int64_t lda, int64_t ldb, int64_t steps,
-                            const at::Tensor& row_ptr, const at::Tensor& slot, int64_t bo, int64_t bi,
-                            const at::TensorOptions& options, Bf16BlockB b_of);
+at::Tensor bf16_grad_values(const Bf16Kernel& k, int64_t lda, int64_t ldb, int64_t steps, const at::Tensor& row_ptr,
+                            const at::Tensor& slot, int64_t bo, int64_t bi, const at::TensorOptions& options,
+                            Bf16RowsA a_of, Bf16BlockB b_of);
 
 // ------------------------------------------------------------------ sparse_gemm.cpp
 
