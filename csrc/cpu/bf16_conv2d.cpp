@@ -203,7 +203,9 @@ struct ReadChunks {
   std::vector<int64_t> first;  // each chunk's first channel, ascending
   std::vector<int64_t> where;  // chunk -> its position in `first`; -1: not read (until done(): >= 0 marks read)
   explicit ReadChunks(int64_t channels) : where(size_t(cdiv(channels, kBf16K)), -1) {}
-  void add(int64_t channel) { where[size_t(channel / kBf16K)] = 0; }
+  void add(int64_t channel, int64_t width = 1) {  // channels [channel, channel + width) are read
+    for (int64_t q = channel / kBf16K; q <= (channel + width - 1) / kBf16K; ++q) where[size_t(q)] = 0;
+  }
   ReadChunks& done() {
     for (size_t q = 0; q < where.size(); ++q)
       if (where[q] >= 0) where[q] = int64_t(first.size()), first.push_back(int64_t(q) * kBf16K);
@@ -741,8 +743,7 @@ at::Tensor bf16_conv2d_grad_values(const Bf16Kernel& k, const at::Tensor& dy, co
   }
   if (nnzb == 0) near = 0;
   ReadChunks rc(bpt * bi);  // a block's chunks, all read, are consecutive in B
-  for (int32_t e = 0; e < nnzb; ++e)
-    for (int64_t c0 = 0; c0 < bi; c0 += kBf16K) rc.add(col_idx.data_ptr<int32_t>()[e] % bpt * bi + c0);
+  for (int32_t e = 0; e < nnzb; ++e) rc.add(col_idx.data_ptr<int32_t>()[e] % bpt * bi, bi);
   rc.done();
   auto pairs_of = [&](int64_t parity) {
     return parity_read[parity] ? pixel_pairs(x, planes, g.ph, g.pw, rc, parity, near, far + kpad + 1)
@@ -751,8 +752,7 @@ at::Tensor bf16_conv2d_grad_values(const Bf16Kernel& k, const at::Tensor& dy, co
   const PixelPairs even = pairs_of(0), odd = pairs_of(1);
   ReadChunks rows(R * bo);  // the live block rows' channels of grad_out
   for (int64_t r = 0; r < R; ++r)
-    if (row_ptr.data_ptr<int32_t>()[r + 1] > row_ptr.data_ptr<int32_t>()[r])
-      for (int64_t c0 = 0; c0 < bo; c0 += kBf16K) rows.add(r * bo + c0);
+    if (row_ptr.data_ptr<int32_t>()[r + 1] > row_ptr.data_ptr<int32_t>()[r]) rows.add(r * bo, bo);
   const at::Tensor dyt = grad_out_grid(dy, rows.done(), kpad, planes.hq, planes.wq);
   const int32_t* ci = col_idx.data_ptr<int32_t>();
   const int64_t ldb = rc.size() * kBf16K * 4;

@@ -1,7 +1,7 @@
 // Linear ops on bfloat16 operands through the bf16 kernel (bf16_tile.h):
 // y = x W^T + b and dx = dy W as row-tile GEMMs over packed blocks, and
-// dv = dy^T x per live block over the tokens (as a 1x1 conv's).  float32 accumulation, one
-// rounding to bf16 per result.
+// dv = dy^T x per live block over the tokens (as a 1x1 conv's).  float32
+// accumulation, one rounding to bf16 per result.
 #include "internal.h"
 
 namespace ftk_cpu {
