@@ -115,6 +115,9 @@ CONV_CASES = [
     (70, 40, (3, 3), (64, 32), 0.5, 3, (9, 9), (1, 1), (2, 2), (2, 2)),
     (64, 64, (5, 5), (32, 32), 0.4, 1, (12, 11), (1, 1), (2, 2), (1, 1)),
     (32, 32, (3, 3), (32, 32), 1.0, 1, (1, 1), (1, 1), (1, 1), (1, 1)),
+    # grad-values' grid a whole number of chunks (2 x 16 x 16 padded pixels) and taps of odd offset,
+    # which read grad_out one pixel early: the lead and the last pixel of the reduction
+    (64, 64, (3, 3), (32, 32), 0.6, 2, (14, 14), (1, 1), (1, 1), (1, 1)),
     # few input channels: cin * kw <= 32 folds a kernel row's taps into one reduction chunk
     # (ResNet's stem; dilated, ragged, strided, 64-wide blocks, exactly 32, one over)
     (64, 3, (7, 7), (32, 32), 0.5, 2, (23, 19), (2, 2), (3, 3), (1, 1)),

@@ -461,9 +461,9 @@ PhasePlanes phase_planes_layout(int64_t h, int64_t w, int64_t pad_h, int64_t pad
 }
 
 // Grad-values' B: pixels q of the planes `pl` of src [N, C, H, W] (bf16, any
-// strides) in VNNI pairs, pair t = pixels (2t + parity, 2t + parity + 1) as
-// [pair][channel][2], for the pairs that hold pixels [lo, hi) only (`first`
-// = the first pair's t), and for the channel chunks `rc` only (zero past C).
+// strides) in VNNI pairs, pair t = pixels (2t, 2t + 1) as [pair][channel][2],
+// for the pairs that hold pixels [lo, hi) only (`first` = the first pair's
+// t), and for the channel chunks `rc` only (zero past C).
 // Written by one loop straight from src: no padded copy in between.
 struct PixelPairs {
   at::Tensor t;  // [pairs, rc.size() * kBf16K, 2]
@@ -471,9 +471,9 @@ struct PixelPairs {
 };
 
 PixelPairs pixel_pairs(const at::Tensor& src, const PhasePlanes& pl, int64_t pad_h, int64_t pad_w,
-                       const ReadChunks& rc, int64_t parity, int64_t lo, int64_t hi) {
+                       const ReadChunks& rc, int64_t lo, int64_t hi) {
   const int64_t c = src.size(1), h = src.size(2), w = src.size(3), cp = rc.size() * kBf16K;
-  const int64_t first = (lo - parity) / 2, pairs = cdiv(hi - parity, 2) - first;
+  const int64_t first = lo / 2, pairs = cdiv(hi, 2) - first;
   at::Tensor t = at::empty({pairs, cp, 2}, src.options());
   uint16_t* dst = static_cast<uint16_t*>(t.data_ptr());
   const uint16_t* base = static_cast<const uint16_t*>(src.data_ptr());
@@ -500,13 +500,13 @@ PixelPairs pixel_pairs(const at::Tensor& src, const PhasePlanes& pl, int64_t pad
       } else {
         std::memset(out, 0, n * 4);
       }
-      std::memset(out + 2 * n, 0, (kBf16K - n) * 4);
+      if (n < kBf16K) std::memset(out + 2 * n, 0, (kBf16K - n) * 4);
     }
   };
   if (s1 == 1) {  // channels-last: a pair is two runs of channels, zipped
     at::parallel_for(0, pairs, 64, [&](int64_t begin, int64_t end) {
       for (int64_t pr = begin; pr < end; ++pr) {
-        const int64_t q = 2 * (first + pr) + parity;
+        const int64_t q = 2 * (first + pr);
         zip(std::true_type{}, dst + pr * cp * 2, pixel(q), pixel(q + 1));
       }
     });
@@ -527,7 +527,7 @@ PixelPairs pixel_pairs(const at::Tensor& src, const PhasePlanes& pl, int64_t pad
       const int64_t pr0 = tl * kPairs, np = std::min(kPairs, pairs - pr0);
       bool run = s3 == 1;
       for (int64_t u = 0; u < 2 * np; ++u) {
-        px[u] = pixel(2 * (first + pr0) + parity + u);
+        px[u] = pixel(2 * (first + pr0) + u);
         run = run && px[u] && px[u] == px[0] + u;
       }
       uint16_t* out = dst + pr0 * cp * 2;
@@ -550,17 +550,22 @@ PixelPairs pixel_pairs(const at::Tensor& src, const PhasePlanes& pl, int64_t pad
 }
 
 // Grad-values' A: grad_out^T on the reduction grid for the channel chunks
-// `rc` (the live block rows'), [rc.size() * kBf16K, kpad] (bf16): row
-// d * kBf16K + r, column (n * hq + y) * wq + x holds dy[n, rc.first[d] + r, y, x]
-// (zeros elsewhere, and past the channels).  Our own transpose, through
-// 32 x 32 tiles in L1: aten's transposing copy of a channels-last grad_out
-// cost more than the multiplies it feeds.
+// `rc` (the live block rows'), [rc.size() * kBf16K, kGridLead + kpad]
+// (bf16): row d * kBf16K + r, column kGridLead + (n * hq + y) * wq + x holds
+// dy[n, rc.first[d] + r, y, x] (zeros elsewhere, and past the channels).
+// The kGridLead zero columns let a row be read from one pixel before its
+// grid (a tap of odd offset).  Our own transpose, through 32 x 32 tiles in
+// L1: aten's transposing copy of a channels-last grad_out cost more than the
+// multiplies it feeds.
+constexpr int64_t kGridLead = kBf16K;  // a whole chunk: rows stay 64-byte aligned
+
 at::Tensor grad_out_grid(const at::Tensor& dy, const ReadChunks& rc, int64_t kpad, int64_t hq, int64_t wq) {
   const int64_t n = dy.size(0), c = dy.size(1), oh = dy.size(2), ow = dy.size(3), grid = n * hq * wq;
-  const int64_t rows = rc.size() * kBf16K;
+  const int64_t rows = rc.size() * kBf16K, ld = kGridLead + kpad;
   auto live = [&](int64_t row) { return rc.first[size_t(row / kBf16K)] + row % kBf16K < c; };  // a channel's row
-  at::Tensor t = at::empty({rows, kpad}, dy.options());
-  uint16_t* dst = static_cast<uint16_t*>(t.data_ptr());
+  at::Tensor t = at::empty({rows, ld}, dy.options());
+  uint16_t* const base = static_cast<uint16_t*>(t.data_ptr());
+  uint16_t* dst = base + kGridLead;  // row 0's grid column 0
   const uint16_t* src = static_cast<const uint16_t*>(dy.data_ptr());
   const int64_t s0 = dy.stride(0), s1 = dy.stride(1), s2 = dy.stride(2), s3 = dy.stride(3);
   // Items: runs of kCopyTile grid columns of one (image, grid row) line (a
@@ -570,23 +575,24 @@ at::Tensor grad_out_grid(const at::Tensor& dy, const ReadChunks& rc, int64_t kpa
     for (int64_t item = begin; item < end; ++item) {
       const int64_t line = item / runs, img = line / hq, y = line % hq, x0 = item % runs * kCopyTile;
       const int64_t x1 = std::min(x0 + kCopyTile, wq), stored = y < oh ? std::clamp<int64_t>(ow - x0, 0, x1 - x0) : 0;
-      uint16_t* col = dst + line * wq + x0;  // row 0's column x0 of this line
+      uint16_t* col = dst + line * wq + x0;  // row 0's grid column x0 of this line
       static_assert(kCopyTile == kBf16K, "a tile: one chunk's channels");
       for (int64_t d = 0; d < rc.size() && stored > 0; ++d) {
         const int64_t c0 = rc.first[size_t(d)];
         if (c0 < c)
-          copy_tile(src + img * s0 + y * s2 + c0 * s1 + x0 * s3, s1, s3, col + d * kBf16K * kpad, kpad,
+          copy_tile(src + img * s0 + y * s2 + c0 * s1 + x0 * s3, s1, s3, col + d * kBf16K * ld, ld,
                     std::min(kCopyTile, c - c0), stored);
       }
       for (int64_t row = 0; row < rows && stored < x1 - x0; ++row)  // the grid columns past the output's
-        if (live(row)) std::memset(col + row * kpad + stored, 0, (x1 - x0 - stored) * 2);
+        if (live(row)) std::memset(col + row * ld + stored, 0, (x1 - x0 - stored) * 2);
     }
   });
-  for (int64_t row = 0; row < rows; ++row) {  // the reduction's tail, and the rows past the channels
+  for (int64_t row = 0; row < rows; ++row) {  // the lead, the reduction's tail, and the rows past the channels
     if (live(row)) {
-      std::memset(dst + row * kpad + grid, 0, (kpad - grid) * 2);
+      std::memset(base + row * ld, 0, kGridLead * 2);
+      std::memset(dst + row * ld + grid, 0, (kpad - grid) * 2);
     } else {
-      std::memset(dst + row * kpad, 0, kpad * 2);
+      std::memset(base + row * ld, 0, ld * 2);
     }
   }
   return t;
@@ -727,41 +733,46 @@ at::Tensor bf16_conv2d_grad_values(const Bf16Kernel& k, const at::Tensor& dy, co
   // sh x sw phases (pixel (r, c) in plane (r % sh, c % sw) at (r / sh, c / sw)),
   // each plane holding every image, so that this pixel is at v + a fixed
   // offset per tap.  A = grad_out^T on the grid (zero where no output pixel
-  // is), B = the planes in VNNI pairs of pixels, one copy per parity of the
-  // tap's offset, made for the pixels the live blocks read only.  Stride 1:
+  // is), B = the planes in VNNI pairs of pixels (2t, 2t + 1), made for the
+  // pixels the live blocks read only.  A tap of odd offset `off` sums
+  // A[v - 1] B[v + off - 1] over v instead: B's pairs, A read one pixel
+  // early (grad_out_grid's lead is zero), so one copy of B serves both
+  // parities (a copy per parity cost more than the multiplies).  Stride 1:
   // one plane, the padded input.
   const PhasePlanes planes = phase_planes_layout(g.h, g.w, g.ph, g.pw, g.sh, g.sw, g.n);
-  const int64_t pixels = planes.plane_pixels, kpad = cdiv(pixels, kBf16K) * kBf16K;
-  auto tap_offset = [&](int64_t tap) { return planes.offset(tap / g.kw * g.dh, tap % g.kw * g.dw); };
+  auto tap_offset = [&](int64_t e) {
+    const int64_t tap = col_idx.data_ptr<int32_t>()[e] / bpt;
+    return planes.offset(tap / g.kw * g.dh, tap % g.kw * g.dw);
+  };
   int64_t near = std::numeric_limits<int64_t>::max(), far = 0;
-  bool parity_read[2] = {false, false};  // which copies the live taps read (a 1x1 conv's: the even one only)
+  bool odd = false;
   for (int32_t e = 0; e < nnzb; ++e) {  // the pixels the live blocks' taps read: [near, far + kpad)
-    const int64_t off = tap_offset(col_idx.data_ptr<int32_t>()[e] / bpt);
-    near = std::min(near, off);
-    far = std::max(far, off);
-    parity_read[off % 2] = true;
+    const int64_t even = tap_offset(e) / 2 * 2;
+    near = std::min(near, even);
+    far = std::max(far, even);
+    odd = odd || tap_offset(e) % 2;
   }
   if (nnzb == 0) near = 0;
+  // An odd tap's reduction ends a pixel early: then past the grid's last pixel, a zero one.
+  const int64_t pixels = planes.plane_pixels, kpad = cdiv(pixels + odd, kBf16K) * kBf16K;
   ReadChunks rc(bpt * bi);  // a block's chunks, all read, are consecutive in B
   for (int32_t e = 0; e < nnzb; ++e) rc.add(col_idx.data_ptr<int32_t>()[e] % bpt * bi, bi);
   rc.done();
-  auto pairs_of = [&](int64_t parity) {
-    return parity_read[parity] ? pixel_pairs(x, planes, g.ph, g.pw, rc, parity, near, far + kpad + 1)
-                               : PixelPairs{};
-  };
-  const PixelPairs even = pairs_of(0), odd = pairs_of(1);
+  const PixelPairs pairs = pixel_pairs(x, planes, g.ph, g.pw, rc, near, far + kpad);
   ReadChunks rows(R * bo);  // the live block rows' channels of grad_out
   for (int64_t r = 0; r < R; ++r)
     if (row_ptr.data_ptr<int32_t>()[r + 1] > row_ptr.data_ptr<int32_t>()[r]) rows.add(r * bo, bo);
   const at::Tensor dyt = grad_out_grid(dy, rows.done(), kpad, planes.hq, planes.wq);
   const int32_t* ci = col_idx.data_ptr<int32_t>();
-  const int64_t ldb = rc.size() * kBf16K * 4;
-  return bf16_grad_values(k, kpad * 2, ldb, kpad / kBf16K, row_ptr, slot, bo, bi, x.options(),
-                          [&](int64_t r) { return bytes(dyt) + rows.place(r * bo) * kBf16K * kpad * 2; },
+  const int64_t lda = (kGridLead + kpad) * 2, ldb = rc.size() * kBf16K * 4;
+  return bf16_grad_values(k, lda, ldb, kpad / kBf16K, row_ptr, slot, bo, bi, x.options(),
+                          [&](int64_t r, int64_t e) {
+                            return bytes(dyt) + rows.place(r * bo) * kBf16K * lda + (kGridLead - tap_offset(e) % 2) * 2;
+                          },
                           [&](int64_t e) {
-                            const int64_t off = tap_offset(ci[e] / bpt), cb = ci[e] % bpt;
-                            const PixelPairs& b = off % 2 ? odd : even;
-                            return bytes(b.t) + ((off - off % 2) / 2 - b.first) * ldb + rc.place(cb * bi) * kBf16K * 4;
+                            const int64_t cb = ci[e] % bpt;
+                            return bytes(pairs.t) + (tap_offset(e) / 2 - pairs.first) * ldb +
+                                   rc.place(cb * bi) * kBf16K * 4;
                           });
 }
 

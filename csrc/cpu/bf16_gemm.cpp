@@ -81,7 +81,7 @@ at::Tensor bf16_grad_values(const Bf16Kernel& k, int64_t lda, int64_t ldb, int64
   bf16_blocks(k, nnzb * og * ig, [&](int64_t item, Bf16Block& b, uint16_t** out_rows) {
     const int64_t e = item / (og * ig), o = item / ig % og, i = item % ig;
     b.row_tiles = 2;
-    b.a = a_of(block_row[size_t(e)]) + o * kBf16Cols * lda;
+    b.a = a_of(block_row[size_t(e)], e) + o * kBf16Cols * lda;
     b.lda = lda;
     b.b = b_of(e) + i * kBf16Cols * 4;
     b.ldb = ldb;

@@ -246,11 +246,11 @@ void bf16_gemm(const Bf16Kernel& k, const Bf16Gemm& g, Bf16OutRow out_row);
 using Bf16Fill = c10::function_ref<void(int64_t i, Bf16Block& block, uint16_t** out_rows)>;
 void bf16_blocks(const Bf16Kernel& k, int64_t n, Bf16Fill fill);
 
-// Grad-values: dv [nnzb, Bo, Bi] (bf16), block e = A (a_of(r): its block
-// row r's Bo rows of grad_out^T, lda bytes apart) times B (b_of(e): its Bi
-// columns, in VNNI pairs of reduction steps ldb bytes apart), over `steps`
-// chunks of 32 reduction steps.  The threads share out the blocks.
-using Bf16RowsA = c10::function_ref<const uint8_t*(int64_t r)>;
+// Grad-values: dv [nnzb, Bo, Bi] (bf16), block e = A (a_of(r, e): the Bo
+// rows of grad_out^T of its block row r, lda bytes apart) times B (b_of(e):
+// its Bi columns, in VNNI pairs of reduction steps ldb bytes apart), over
+// `steps` chunks of 32 reduction steps.  The threads share out the blocks.
+using Bf16RowsA = c10::function_ref<const uint8_t*(int64_t r, int64_t e)>;
 using Bf16BlockB = c10::function_ref<const uint8_t*(int64_t e)>;
 at::Tensor bf16_grad_values(const Bf16Kernel& k, int64_t lda, int64_t ldb, int64_t steps, const at::Tensor& row_ptr,
                             const at::Tensor& slot, int64_t bo, int64_t bi, const at::TensorOptions& options,
