@@ -1,7 +1,7 @@
 // The dtypes a CPU op takes, and the portable path for bfloat16 and float16:
 // operands widened to float32 at the op's entry, the float32 kernels, one
-// rounding of the result.  Dedicated bf16 kernels (AVX512-BF16, AMX) will be
-// chosen per op beside it, as the ISA is for float32.
+// rounding of the result.  The dedicated bf16 kernels (AVX512-BF16, AMX) are
+// chosen per op ahead of it (bf16_runs, bf16_gemm.cpp), as the ISA is for float32.
 #include "internal.h"
 
 namespace ftk_cpu {
