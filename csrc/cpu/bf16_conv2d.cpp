@@ -747,10 +747,10 @@ at::Tensor bf16_conv2d_grad_values(const Bf16Kernel& k, const at::Tensor& dy, co
   int64_t near = std::numeric_limits<int64_t>::max(), far = 0;
   bool odd = false;
   for (int32_t e = 0; e < nnzb; ++e) {  // the pixels the live blocks' taps read: [near, far + kpad)
-    const int64_t even = tap_offset(e) / 2 * 2;
+    const int64_t off = tap_offset(e), even = off / 2 * 2;
     near = std::min(near, even);
     far = std::max(far, even);
-    odd = odd || tap_offset(e) % 2;
+    odd = odd || off % 2;
   }
   if (nnzb == 0) near = 0;
   // An odd tap's reduction ends a pixel early: then past the grid's last pixel, a zero one.
