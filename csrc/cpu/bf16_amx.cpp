@@ -58,22 +58,24 @@ struct Tiles {
 namespace ftk_cpu {
 namespace {
 
-// Palette 1, all eight tiles 16 rows of 64 bytes.
+// Palette 1: C tiles (0-3) 16 rows of 16 floats; A tiles (4-5) 16 rows of
+// `depth` bf16, B tiles (6-7) depth / 2 pair rows of 16 columns x 2, so
+// that TDPBF16PS sums `depth` reduction steps.
 struct alignas(64) TileConfig {
   uint8_t palette = 1, start_row = 0, reserved[14] = {};
   uint16_t colsb[16] = {};
   uint8_t rows[16] = {};
-  TileConfig() {
+  explicit TileConfig(int depth) {
     for (int t = 0; t < 8; ++t) {
-      colsb[t] = 64;
-      rows[t] = kBf16TileRows;
+      colsb[t] = t == 4 || t == 5 ? uint16_t(depth * 2) : 64;
+      rows[t] = t == 6 || t == 7 ? uint8_t(depth / 2) : kBf16TileRows;
     }
   }
 };
 
-void amx_begin() {
-  static const TileConfig config;
-  _tile_loadconfig(&config);
+void amx_begin(int depth) {
+  static const TileConfig deep(kBf16K), shallow(kBf16K / 2);
+  _tile_loadconfig(depth == kBf16K ? &deep : &shallow);
 }
 void amx_end() {
   _mm_sfence();  // the streamed stores of store_rows, before the op's threads join

@@ -14,38 +14,46 @@
 namespace ftk_cpu {
 namespace {
 
-constexpr int kGroupRows = 8;  // 16 accumulators, 2 B registers, 1 broadcast
-
-void avx512_block(const Bf16Block& b) {
+// H column halves (16 columns each) of rows in groups of 16 / H: 16
+// accumulators, H B registers, 1 broadcast.  D: reduction steps per term.
+template <int H, int D>
+void avx512_rows(const Bf16Block& b, float* c) {
+  constexpr int kGroupRows = kBf16TileRows / H;
   const int rows = b.row_tiles * kBf16TileRows;
-  alignas(64) float c[2 * kBf16TileRows * kBf16Cols];
   for (int g = 0; g < rows; g += kGroupRows) {
-    __m512 acc[kGroupRows][2];
-    for (int i = 0; i < kGroupRows; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+    __m512 acc[kGroupRows][H];
+    for (int i = 0; i < kGroupRows; ++i)
+      for (int h = 0; h < H; ++h) acc[i][h] = _mm512_setzero_ps();
     for (int64_t t = 0; t < b.nterms; ++t) {
       const uint8_t* a = b.a + b.terms[t].a_off + g * b.lda;
       const uint8_t* bb = b.b + b.terms[t].b_off;
-      for (int p = 0; p < kBf16K / 2; ++p) {
-        const __m512bh b0 = (__m512bh)_mm512_loadu_si512(bb + p * b.ldb);
-        const __m512bh b1 = (__m512bh)_mm512_loadu_si512(bb + b.b_half + p * b.ldb);
+      for (int p = 0; p < D / 2; ++p) {
+        __m512bh bv[H];
+        for (int h = 0; h < H; ++h) bv[h] = (__m512bh)_mm512_loadu_si512(bb + h * b.b_half + p * b.ldb);
         for (int i = 0; i < kGroupRows; ++i) {
           int32_t pair;
           __builtin_memcpy(&pair, a + i * b.lda + 4 * p, 4);
           const __m512bh av = (__m512bh)_mm512_set1_epi32(pair);
-          acc[i][0] = _mm512_dpbf16_ps(acc[i][0], av, b0);
-          acc[i][1] = _mm512_dpbf16_ps(acc[i][1], av, b1);
+          for (int h = 0; h < H; ++h) acc[i][h] = _mm512_dpbf16_ps(acc[i][h], av, bv[h]);
         }
       }
     }
-    for (int i = 0; i < kGroupRows; ++i) {
-      _mm512_store_ps(c + (g + i) * kBf16Cols, acc[i][0]);
-      _mm512_store_ps(c + (g + i) * kBf16Cols + 16, acc[i][1]);
-    }
+    for (int i = 0; i < kGroupRows; ++i)
+      for (int h = 0; h < H; ++h) _mm512_store_ps(c + (g + i) * kBf16Cols + h * 16, acc[i][h]);
   }
-  store_rows(c, rows, b);
 }
 
-void nothing() {}
+void avx512_block(const Bf16Block& b) {
+  alignas(64) float c[2 * kBf16TileRows * kBf16Cols];
+  const bool two_halves = b.cols > kBf16Cols / 2;
+  if (b.depth == kBf16K)
+    two_halves ? avx512_rows<2, kBf16K>(b, c) : avx512_rows<1, kBf16K>(b, c);
+  else
+    two_halves ? avx512_rows<2, kBf16K / 2>(b, c) : avx512_rows<1, kBf16K / 2>(b, c);
+  store_rows(c, b.row_tiles * kBf16TileRows, b);
+}
+
+void nothing(int) {}
 void fence() { _mm_sfence(); }  // the streamed stores of store_rows, before the op's threads join
 
 }  // namespace

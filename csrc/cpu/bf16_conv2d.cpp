@@ -138,7 +138,7 @@ Padded padded(const at::Tensor& src, int64_t pad_h, int64_t pad_w, int64_t sh, i
 }
 
 // One term of an implicit GEMM: tap (i, j) of the conv being run, the
-// channel offset of its 32 reduction channels, its packed B sub-block.
+// channel offset of its reduction channels (a sub-block's depth), its packed B sub-block.
 struct ConvTerm {
   int64_t i, j, channel, b_block;
 };
@@ -151,11 +151,12 @@ bool reads_in_place(const at::Tensor& src, int64_t cp, const Geom& g) {
          (g.h == 1 || src.stride(2) == g.w * cp) && (g.n == 1 || src.stride(0) == g.h * g.w * cp);
 }
 
-// The GEMM's output chunks and terms: conv term t reads A at its tap's pixel
-// of the padded copy p (none: the input in place).
-void set_terms(Bf16Gemm& gemm, const Padded* p, int64_t cp, const Geom& g, const std::vector<int64_t>& chunk_ptr,
-               const std::vector<int64_t>& chunk_col, const std::vector<ConvTerm>& terms, const float* bias,
-               const at::Tensor& out) {
+// The GEMM's output chunks and terms (sub-blocks `s`): conv term t reads A
+// at its tap's pixel of the padded copy p (none: the input in place).
+void set_terms(Bf16Gemm& gemm, const Padded* p, int64_t cp, const Geom& g, const Bf16Split& s,
+               const std::vector<int64_t>& chunk_ptr, const std::vector<int64_t>& chunk_col,
+               const std::vector<ConvTerm>& terms, const float* bias, const at::Tensor& out) {
+  gemm.set_split(s);
   gemm.chunk_ptr = chunk_ptr;
   gemm.chunk_col = chunk_col;
   gemm.out_cols = out.size(1);
@@ -163,7 +164,7 @@ void set_terms(Bf16Gemm& gemm, const Padded* p, int64_t cp, const Geom& g, const
   gemm.out_col_stride = out.stride(1);
   for (const ConvTerm& t : terms) {
     const int64_t pixel = p ? p->pixel(t.i * g.dh, t.j * g.dw, g.sh) : 0;
-    gemm.terms.push_back({(pixel * cp + t.channel) * 2, t.b_block * kBf16PackedBlock * 2});
+    gemm.terms.push_back({(pixel * cp + t.channel) * 2, t.b_block * s.elems() * 2});
   }
 }
 
@@ -172,8 +173,9 @@ using MakePadded = c10::function_ref<Padded(int64_t slack)>;
 
 // out [N, C_out, oh, ow] (bf16, any strides) = the implicit GEMM of the conv
 // g over the padded copy `make` returns (layout(g.h, g.w, g.ph, g.pw, g.sh,
-// g.sw, cp)), whose output chunk j (32 channels from chunk_col[j]) sums its terms.
-void gemm_on_copy(const Bf16Kernel& k, MakePadded make, int64_t cp, const Geom& g,
+// g.sw, cp)), whose output chunk j (s.width channels from chunk_col[j]) sums
+// its terms over `packed` (sub-blocks s).
+void gemm_on_copy(const Bf16Kernel& k, MakePadded make, int64_t cp, const Geom& g, const Bf16Split& s,
                   const std::vector<int64_t>& chunk_ptr, const std::vector<int64_t>& chunk_col,
                   const std::vector<ConvTerm>& terms, const at::Tensor& packed, const float* bias, at::Tensor& out) {
   uint16_t* base = static_cast<uint16_t*>(out.data_ptr());
@@ -188,7 +190,7 @@ void gemm_on_copy(const Bf16Kernel& k, MakePadded make, int64_t cp, const Geom& 
   Bf16Gemm gemm{g.n * rpi, bytes(p.buf), g.sw * cp * 2, std::numeric_limits<int64_t>::max(), bytes(packed)};
   gemm.rows_per_image = rpi;
   gemm.image_bytes = p.image_pixels * cp * 2;
-  set_terms(gemm, &p, cp, g, chunk_ptr, chunk_col, terms, bias, out);
+  set_terms(gemm, &p, cp, g, s, chunk_ptr, chunk_col, terms, bias, out);
   bf16_gemm(k, gemm, [&](int64_t m) -> uint16_t* {
     const int64_t img = m / rpi, v = m % rpi, y = v / wv, x = v % wv;
     return y < g.oh && x < g.ow ? base + img * sn + y * sy + x * sx : nullptr;
@@ -266,10 +268,10 @@ at::Tensor channel_pairs(const at::Tensor& src, int64_t pad_h, int64_t pad_w, co
 }
 
 // The implicit GEMM of a stride-1 conv over src, channels by pixels:
-// C^T = W X, rows the output channels (A: the weights, pack_blocks_rows),
-// columns 32 virtual pixels v = y * Wp + x of the padded image (B:
-// channel_pairs; Wp = W + 2 pw; virtual pixels with x >= out_w are not
-// stored), tap (i, j) reading B at v + i*dh * Wp + j*dw.  For NCHW inputs
+// C^T = W X, rows the output channels (A: the weights, pack_blocks_rows;
+// s.width rows per output chunk), columns 32 virtual pixels v = y * Wp + x
+// of the padded image (B: channel_pairs; Wp = W + 2 pw; virtual pixels with
+// x >= out_w are not stored), tap (i, j) reading B at v + i*dh * Wp + j*dw.  For NCHW inputs
 // and results: the input needs its channel pairs zipped instead of a
 // transposing copy, and each row of C is a run of an output plane's pixels.
 void channel_major_gemm(const Bf16Kernel& k, const at::Tensor& src, int64_t cp, const Geom& g,
@@ -283,10 +285,11 @@ void channel_major_gemm(const Bf16Kernel& k, const at::Tensor& src, int64_t cp, 
   for (const ConvTerm& c : terms) rc.add(c.channel);
   const at::Tensor pairs = channel_pairs(src, g.ph, g.pw, rc.done(), pixels);
   const at::Tensor a = pack_blocks_rows(values, reduce_inner);
+  const Bf16Split s = values_split(values, reduce_inner);
   const int64_t ldb = pixels * 4, image_bytes = rc.size() * kBf16K / 2 * ldb;
   std::vector<Bf16Term> t;
   for (const ConvTerm& c : terms)
-    t.push_back({c.b_block * kBf16PackedBlock * 2,
+    t.push_back({c.b_block * s.elems() * 2,
                  (rc.place(c.channel) * kBf16K + c.channel % kBf16K) / 2 * ldb + (c.i * g.dh * wp + c.j * g.dw) * 4});
   const int64_t sn = out.stride(0), sc = out.stride(1), sy = out.stride(2), sx = out.stride(3);
   std::vector<int64_t> col_off(size_t(tiles * kTile));
@@ -296,11 +299,11 @@ void channel_major_gemm(const Bf16Kernel& k, const at::Tensor& src, int64_t cp, 
   }
   uint16_t* base = static_cast<uint16_t*>(out.data_ptr());
   const bool stream = out.numel() * 2 > kStreamBytes;
-  bf16_blocks(k, g.n * tiles * chunks, [&](int64_t item, Bf16Block& b, uint16_t** out_rows) {
+  bf16_blocks(k, int(s.depth), g.n * tiles * chunks, [&](int64_t item, Bf16Block& b, uint16_t** out_rows) {
     const int64_t img = item / (tiles * chunks), tile = item / chunks % tiles, j = item % chunks;
-    b.row_tiles = 2;
+    b.row_tiles = int(s.width / kBf16TileRows);
     b.a = bytes(a);
-    b.lda = kBf16K * 2;
+    b.lda = s.depth * 2;
     b.b = bytes(pairs) + img * image_bytes + tile * kTile * 4;
     b.ldb = ldb;
     b.b_half = 16 * 4;
@@ -310,7 +313,7 @@ void channel_major_gemm(const Bf16Kernel& k, const at::Tensor& src, int64_t cp, 
     b.bias = bias ? bias + chunk_col[size_t(j)] : nullptr;
     b.out_col_offsets = col_off.data() + tile * kTile;
     b.stream = stream;
-    for (int64_t r = 0; r < kTile; ++r) {
+    for (int64_t r = 0; r < s.width; ++r) {
       const int64_t ch = chunk_col[size_t(j)] + r;
       out_rows[r] = ch < out.size(1) ? base + img * sn + ch * sc : nullptr;
     }
@@ -337,9 +340,10 @@ void implicit_gemm(const Bf16Kernel& k, const at::Tensor& src, int64_t cp, const
     return;
   }
   const at::Tensor packed = pack_blocks_vnni(values, reduce_inner);
+  const Bf16Split s = values_split(values, reduce_inner);
   if (!reads_in_place(src, cp, g)) {
-    gemm_on_copy(k, [&](int64_t slack) { return padded(src, g.ph, g.pw, g.sh, g.sw, cp, slack); }, cp, g, chunk_ptr,
-                 chunk_col, terms, packed, bias, out);
+    gemm_on_copy(k, [&](int64_t slack) { return padded(src, g.ph, g.pw, g.sh, g.sw, cp, slack); }, cp, g, s,
+                 chunk_ptr, chunk_col, terms, packed, bias, out);
     return;
   }
   // one GEMM row per pixel; the last row tile's rows past the input come from a zeroed copy (bf16_gemm)
@@ -347,7 +351,7 @@ void implicit_gemm(const Bf16Kernel& k, const at::Tensor& src, int64_t cp, const
   const int64_t sn = out.stride(0), sy = out.stride(2), sx = out.stride(3);
   const int64_t pixels = g.n * g.h * g.w, hw = g.h * g.w;
   Bf16Gemm gemm{pixels, bytes(src), cp * 2, pixels, bytes(packed)};
-  set_terms(gemm, nullptr, cp, g, chunk_ptr, chunk_col, terms, bias, out);
+  set_terms(gemm, nullptr, cp, g, s, chunk_ptr, chunk_col, terms, bias, out);
   bf16_gemm(k, gemm, [&](int64_t m) -> uint16_t* { return base + m / hw * sn + m % hw / g.w * sy + m % g.w * sx; });
 }
 
@@ -413,7 +417,9 @@ Padded folded_copy(const at::Tensor& x, const Geom& g, const Geom& f, int64_t sl
 // tap's block is dead; only pairs with a live tap get a term.
 at::Tensor folded_forward(const Bf16Kernel& k, const at::Tensor& x, const at::Tensor& values, const int32_t* rp,
                           const int32_t* ci, const int32_t* sl, int64_t R, const Geom& g, const float* bias) {
-  const int64_t bo = values.size(1), bi = values.size(2), groups = bo / kBf16Cols;
+  const int64_t bo = values.size(1), bi = values.size(2);
+  const Bf16Split s = bf16_split(bo, kBf16K);  // the folded blocks' (bo x 32)
+  const int64_t groups = bo / s.width;
   at::Tensor folded = at::zeros({R * g.kh, bo, kBf16K}, values.options());
   const at::Tensor v = values.contiguous();
   const uint16_t* vp = static_cast<const uint16_t*>(v.data_ptr());
@@ -430,16 +436,16 @@ at::Tensor folded_forward(const Bf16Kernel& k, const at::Tensor& x, const at::Te
   std::vector<int64_t> chunk_ptr{0}, chunk_col;
   std::vector<ConvTerm> terms;
   for (int64_t r = 0; r < R; ++r)
-    for (int64_t grp = 0; grp < groups && r * bo + grp * kBf16Cols < g.cout; ++grp) {
+    for (int64_t grp = 0; grp < groups && r * bo + grp * s.width < g.cout; ++grp) {
       for (int64_t i = 0; i < g.kh; ++i)
         if (live[r * g.kh + i]) terms.push_back({i, 0, 0, (r * g.kh + i) * groups + grp});
       chunk_ptr.push_back(int64_t(terms.size()));
-      chunk_col.push_back(r * bo + grp * kBf16Cols);
+      chunk_col.push_back(r * bo + grp * s.width);
     }
   at::Tensor out = conv_output({g.n, g.cout, g.oh, g.ow}, x);
   const Geom f = folded_geom(g);
-  gemm_on_copy(k, [&](int64_t slack) { return folded_copy(x, g, f, slack); }, kBf16K, f, chunk_ptr, chunk_col, terms,
-               pack_blocks_vnni(folded, true), bias, out);
+  gemm_on_copy(k, [&](int64_t slack) { return folded_copy(x, g, f, slack); }, kBf16K, f, s, chunk_ptr, chunk_col,
+               terms, pack_blocks_vnni(folded, true), bias, out);
   return out;
 }
 
@@ -664,18 +670,19 @@ at::Tensor bf16_conv2d_forward(const Bf16Kernel& k, const at::Tensor& x, const a
   const at::Tensor b = padded_bias_f32(bias, R * bo);
   const float* bias_f32 = b.defined() ? b.data_ptr<float>() : nullptr;
   if (folds_taps(g)) return folded_forward(k, x, values, rp, ci, sl, R, g, bias_f32);
-  const int64_t groups = bo / kBf16Cols, chunks = bi / kBf16K;
+  const Bf16Split s = values_split(values, true);
+  const int64_t groups = bo / s.width, chunks = bi / s.depth;
   std::vector<int64_t> chunk_ptr{0}, chunk_col;
   std::vector<ConvTerm> terms;
   for (int64_t r = 0; r < R; ++r)
-    for (int64_t grp = 0; grp < groups && r * bo + grp * kBf16Cols < out_channels; ++grp) {
+    for (int64_t grp = 0; grp < groups && r * bo + grp * s.width < out_channels; ++grp) {
       for (int32_t e = rp[r]; e < rp[r + 1]; ++e) {
         const int64_t tap = ci[e] / bpt, cb = ci[e] % bpt;
-        for (int64_t kc = 0; kc < chunks && cb * bi + kc * kBf16K < g.cin; ++kc)
-          terms.push_back({tap / g.kw, tap % g.kw, cb * bi + kc * kBf16K, (sl[e] * groups + grp) * chunks + kc});
+        for (int64_t kc = 0; kc < chunks && cb * bi + kc * s.depth < g.cin; ++kc)
+          terms.push_back({tap / g.kw, tap % g.kw, cb * bi + kc * s.depth, (sl[e] * groups + grp) * chunks + kc});
       }
       chunk_ptr.push_back(int64_t(terms.size()));
-      chunk_col.push_back(r * bo + grp * kBf16Cols);
+      chunk_col.push_back(r * bo + grp * s.width);
     }
   at::Tensor out = conv_output({g.n, out_channels, g.oh, g.ow}, x);
   implicit_gemm(k, x, bpt * bi, g, chunk_ptr, chunk_col, terms, values, true, bias_f32, out);
@@ -695,19 +702,20 @@ at::Tensor bf16_conv2d_grad_input(const Bf16Kernel& k, const at::Tensor& dy, con
   const int64_t p_h = dilation[0] * (kh - 1) - padding[0], p_w = dilation[1] * (kw - 1) - padding[1];
   const Geom g = geom(dy.sizes(), cin, kernel, {1, 1}, {p_h, p_w}, dilation);
   TORCH_CHECK(g.oh == input_size[2] && g.ow == input_size[3], "freetickets_cpu: grad_out does not match input_size");
-  const int64_t groups = bi / kBf16Cols, chunks = bo / kBf16K;
+  const Bf16Split s = values_split(values, false);
+  const int64_t groups = bi / s.width, chunks = bo / s.depth;
   std::vector<int64_t> chunk_ptr{0}, chunk_col;
   std::vector<ConvTerm> terms;
   const int32_t *cp = col_ptr.data_ptr<int32_t>(), *ri = row_idx.data_ptr<int32_t>(), *ts = tslot.data_ptr<int32_t>();
   for (int64_t cb = 0; cb < bpt; ++cb)
-    for (int64_t grp = 0; grp < groups && cb * bi + grp * kBf16Cols < cin; ++grp) {
+    for (int64_t grp = 0; grp < groups && cb * bi + grp * s.width < cin; ++grp) {
       for (int64_t tap = 0; tap < kh * kw; ++tap)
         for (int32_t e = cp[tap * bpt + cb]; e < cp[tap * bpt + cb + 1]; ++e)
-          for (int64_t kc = 0; kc < chunks && ri[e] * bo + kc * kBf16K < cout; ++kc)
-            terms.push_back({kh - 1 - tap / kw, kw - 1 - tap % kw, ri[e] * bo + kc * kBf16K,
+          for (int64_t kc = 0; kc < chunks && ri[e] * bo + kc * s.depth < cout; ++kc)
+            terms.push_back({kh - 1 - tap / kw, kw - 1 - tap % kw, ri[e] * bo + kc * s.depth,
                              (ts[e] * groups + grp) * chunks + kc});
       chunk_ptr.push_back(int64_t(terms.size()));
-      chunk_col.push_back(cb * bi + grp * kBf16Cols);
+      chunk_col.push_back(cb * bi + grp * s.width);
     }
   at::Tensor dx = conv_output({input_size[0], cin, input_size[2], input_size[3]}, dy);
   implicit_gemm(k, dy, R * bo, g, chunk_ptr, chunk_col, terms, values, false, nullptr, dx);
@@ -767,12 +775,13 @@ at::Tensor bf16_conv2d_grad_values(const Bf16Kernel& k, const at::Tensor& dy, co
   const int64_t lda = (kGridLead + kpad) * 2, ldb = rc.size() * kBf16K * 4;
   return bf16_grad_values(k, lda, ldb, kpad / kBf16K, row_ptr, slot, bo, bi, x.options(),
                           [&](int64_t r, int64_t e) {
-                            return bytes(dyt) + rows.place(r * bo) * kBf16K * lda + (kGridLead - tap_offset(e) % 2) * 2;
+                            return bytes(dyt) + (rows.place(r * bo) * kBf16K + r * bo % kBf16K) * lda +
+                                   (kGridLead - tap_offset(e) % 2) * 2;
                           },
                           [&](int64_t e) {
                             const int64_t cb = ci[e] % bpt;
                             return bytes(pairs.t) + (tap_offset(e) / 2 - pairs.first) * ldb +
-                                   rc.place(cb * bi) * kBf16K * 4;
+                                   (rc.place(cb * bi) * kBf16K + cb * bi % kBf16K) * 4;
                           });
 }
 

@@ -6,43 +6,54 @@ namespace ftk_cpu {
 namespace detail {
 
 const Bf16Kernel* bf16_runs(const at::Tensor& operand, int64_t bo, int64_t bi) {
-  if (operand.scalar_type() != at::kBFloat16 || bo % kBf16Cols || bi % kBf16K) return nullptr;
+  if (operand.scalar_type() != at::kBFloat16 || bo % (kBf16Cols / 2) || bi % (kBf16K / 2)) return nullptr;
   return bf16_kernel();
+}
+
+Bf16Split values_split(const at::Tensor& values, bool reduce_inner) {
+  const int64_t bo = values.size(1), bi = values.size(2);
+  return reduce_inner ? bf16_split(bo, bi) : bf16_split(bi, bo);
 }
 
 at::Tensor pack_blocks_rows(const at::Tensor& values, bool reduce_inner) {
   const int64_t nnzb = values.size(0), bo = values.size(1), bi = values.size(2);
-  const at::Tensor v = values.contiguous().view({nnzb, bo / kBf16Cols, kBf16Cols, bi / kBf16K, kBf16K});
+  const Bf16Split s = values_split(values, reduce_inner);
   // reduce_inner: [slot][g][n][kc][k] -> [slot][g][kc][n][k]; else [slot][kc][k][g][n] -> [slot][g][kc][n][k]
-  return (reduce_inner ? v.permute({0, 1, 3, 2, 4}) : v.permute({0, 3, 1, 4, 2})).contiguous();
+  if (reduce_inner)
+    return values.contiguous().view({nnzb, bo / s.width, s.width, bi / s.depth, s.depth}).permute({0, 1, 3, 2, 4})
+        .contiguous();
+  return values.contiguous().view({nnzb, bo / s.depth, s.depth, bi / s.width, s.width}).permute({0, 3, 1, 4, 2})
+      .contiguous();
 }
 
 at::Tensor pack_blocks_vnni(const at::Tensor& values, bool reduce_inner) {
   const int64_t nnzb = values.size(0), bo = values.size(1), bi = values.size(2);
+  const Bf16Split sp = values_split(values, reduce_inner);
   const at::Tensor v = values.contiguous();
   at::Tensor packed = at::empty({nnzb * bo * bi}, v.options());
   const uint16_t* src = static_cast<const uint16_t*>(v.data_ptr());
   uint16_t* dst = static_cast<uint16_t*>(packed.data_ptr());
-  // Sub-block (g, kc) of a slot: B[k][n] at [n / 16][k / 2][n % 16][k % 2].
-  // reduce_inner: B[k][n] = V[g*32 + n][kc*32 + k]; else V[kc*32 + k][g*32 + n].
-  const int64_t groups = (reduce_inner ? bo : bi) / kBf16Cols, chunks = (reduce_inner ? bi : bo) / kBf16K;
+  // Sub-block (g, kc) of a slot: B[k][n] at [n / 16][k / 2][n % 16][k % 2] (W = sp.width, D = sp.depth).
+  // reduce_inner: B[k][n] = V[g*W + n][kc*D + k]; else V[kc*D + k][g*W + n].
+  const int64_t groups = (reduce_inner ? bo : bi) / sp.width, chunks = (reduce_inner ? bi : bo) / sp.depth;
+  const int64_t half = sp.depth / 2 * 16;  // 32-bit pairs from columns 0-15 to 16-31
   at::parallel_for(0, nnzb, 8, [&](int64_t begin, int64_t end) {
     for (int64_t s = begin; s < end; ++s)
       for (int64_t g = 0; g < groups; ++g)
         for (int64_t kc = 0; kc < chunks; ++kc) {
           const uint16_t* v0 = src + s * bo * bi;
-          uint16_t* out = dst + ((s * groups + g) * chunks + kc) * kBf16PackedBlock;
+          uint16_t* out = dst + ((s * groups + g) * chunks + kc) * sp.elems();
           if (reduce_inner) {
-            for (int64_t n = 0; n < kBf16Cols; ++n) {  // one V row: 16 pairs of k, contiguous
-              const uint32_t* row = reinterpret_cast<const uint32_t*>(v0 + (g * kBf16Cols + n) * bi + kc * kBf16K);
-              uint32_t* col = reinterpret_cast<uint32_t*>(out) + (n / 16) * 256 + n % 16;
-              for (int64_t p = 0; p < kBf16K / 2; ++p) col[p * 16] = row[p];
+            for (int64_t n = 0; n < sp.width; ++n) {  // one V row: depth / 2 pairs of k, contiguous
+              const uint32_t* row = reinterpret_cast<const uint32_t*>(v0 + (g * sp.width + n) * bi + kc * sp.depth);
+              uint32_t* col = reinterpret_cast<uint32_t*>(out) + (n / 16) * half + n % 16;
+              for (int64_t p = 0; p < sp.depth / 2; ++p) col[p * 16] = row[p];
             }
           } else {
-            for (int64_t k = 0; k < kBf16K; ++k) {  // one V row: k, all 32 n
-              const uint16_t* row = v0 + (kc * kBf16K + k) * bi + g * kBf16Cols;
+            for (int64_t k = 0; k < sp.depth; ++k) {  // one V row: k, all W n
+              const uint16_t* row = v0 + (kc * sp.depth + k) * bi + g * sp.width;
               uint16_t* pair = out + (k / 2) * 32 + k % 2;
-              for (int64_t n = 0; n < kBf16Cols; ++n) pair[(n / 16) * 512 + (n % 16) * 2] = row[n];
+              for (int64_t n = 0; n < sp.width; ++n) pair[(n / 16) * 2 * half + (n % 16) * 2] = row[n];
             }
           }
         }
@@ -50,14 +61,15 @@ at::Tensor pack_blocks_vnni(const at::Tensor& values, bool reduce_inner) {
   return packed;
 }
 
-void bf16_blocks(const Bf16Kernel& k, int64_t n, Bf16Fill fill) {
+void bf16_blocks(const Bf16Kernel& k, int depth, int64_t n, Bf16Fill fill) {
   share_items(n, [&](int64_t begin, int64_t end) {
     uint16_t* out_rows[2 * kBf16TileRows];
-    k.begin();
+    k.begin(depth);
     for (int64_t i = begin; i < end; ++i) {
       Bf16Block block{};
       block.out_rows = out_rows;
       block.out_col_stride = 1;
+      block.depth = depth;
       fill(i, block, out_rows);
       k.block(block);
     }
@@ -77,20 +89,20 @@ at::Tensor bf16_grad_values(const Bf16Kernel& k, int64_t lda, int64_t ldb, int64
     for (int32_t e = rp[r]; e < rp[r + 1]; ++e) block_row[size_t(e)] = r;
   at::Tensor dv = at::empty({nnzb, bo, bi}, options);
   uint16_t* dvp = static_cast<uint16_t*>(dv.data_ptr());
-  const int64_t og = bo / kBf16Cols, ig = bi / kBf16Cols;
-  bf16_blocks(k, nnzb * og * ig, [&](int64_t item, Bf16Block& b, uint16_t** out_rows) {
+  // items: (block, row group, column group); a side of 16-multiples takes groups of 16
+  const int64_t rows = bf16_side(bo), cols = bf16_side(bi), og = bo / rows, ig = bi / cols;
+  bf16_blocks(k, kBf16K, nnzb * og * ig, [&](int64_t item, Bf16Block& b, uint16_t** out_rows) {
     const int64_t e = item / (og * ig), o = item / ig % og, i = item % ig;
-    b.row_tiles = 2;
-    b.a = a_of(block_row[size_t(e)], e) + o * kBf16Cols * lda;
+    b.row_tiles = int(rows / kBf16TileRows);
+    b.a = a_of(block_row[size_t(e)], e) + o * rows * lda;
     b.lda = lda;
-    b.b = b_of(e) + i * kBf16Cols * 4;
+    b.b = b_of(e) + i * cols * 4;
     b.ldb = ldb;
     b.b_half = 16 * 4;
     b.terms = terms.data();
     b.nterms = int64_t(terms.size());
-    b.cols = kBf16Cols;
-    for (int t = 0; t < 2 * kBf16TileRows; ++t)
-      out_rows[t] = dvp + (sl[e] * bo + o * kBf16Cols + t) * bi + i * kBf16Cols;
+    b.cols = int(cols);
+    for (int t = 0; t < rows; ++t) out_rows[t] = dvp + (sl[e] * bo + o * rows + t) * bi + i * cols;
   });
   return dv;
 }
@@ -112,7 +124,7 @@ void bf16_gemm(const Bf16Kernel& k, const Bf16Gemm& g, Bf16OutRow out_row) {
     uint16_t* rows_out[kTile];
     uint16_t* out_rows[kTile];
     int64_t rows_of = -1;  // the tile rows_out holds
-    k.begin();
+    k.begin(int(g.depth));
     for (int64_t item = begin; item < end; ++item) {
       const int64_t tile = item / groups, group = item % groups;
       const int64_t m0 = tile * kTile, valid = std::min(kTile, g.rows - m0);
@@ -133,8 +145,9 @@ void bf16_gemm(const Bf16Kernel& k, const Bf16Gemm& g, Bf16OutRow out_row) {
         const int64_t col = g.chunk_col[j];
         for (int64_t t = 0; t < kTile; ++t) out_rows[t] = rows_out[t] ? rows_out[t] + col * g.out_col_stride : nullptr;
         Bf16Block block{row_tiles, a, g.lda, g.b, g.ldb, g.b_half, g.terms.data() + g.chunk_ptr[j],
-                        g.chunk_ptr[j + 1] - g.chunk_ptr[j], int(std::min<int64_t>(kBf16Cols, g.out_cols - col)),
+                        g.chunk_ptr[j + 1] - g.chunk_ptr[j], int(std::min<int64_t>(g.width, g.out_cols - col)),
                         g.bias ? g.bias + col : nullptr, out_rows, g.out_col_stride, stream};
+        block.depth = int(g.depth);
         k.block(block);
       }
     }

@@ -22,26 +22,27 @@ const uint8_t* bytes(const at::Tensor& t) { return static_cast<const uint8_t*>(t
 
 // The row-tile GEMM C = A B over `outer` output blocks of `block` columns:
 // block j sums its live blocks ptr[j]..ptr[j+1] (inner block idx, packed
-// slot) over chunks of `inner` reduction columns.
+// slot) over chunks of `inner` reduction columns, as sub-blocks `s` (packed B).
 at::Tensor block_rows_gemm(const Bf16Kernel& k, const at::Tensor& a_, int64_t out_cols, int64_t block, int64_t inner,
-                           int64_t reduction, const at::Tensor& packed, const int32_t* ptr, const int32_t* idx,
-                           const int32_t* slot, const at::Tensor& bias) {
+                           int64_t reduction, const at::Tensor& packed, const Bf16Split& s, const int32_t* ptr,
+                           const int32_t* idx, const int32_t* slot, const at::Tensor& bias) {
   const at::Tensor a = rows_of_chunks(a_);
-  const int64_t rows = a.size(0), groups = block / kBf16Cols, chunks = inner / kBf16K;
+  const int64_t rows = a.size(0), groups = block / s.width, chunks = inner / s.depth;
   at::Tensor c = at::empty({rows, out_cols}, a.options());
   Bf16Gemm g{rows, bytes(a), a.size(1) * 2, rows, bytes(packed)};
+  g.set_split(s);
   g.out_cols = out_cols;
   g.bias = bias.defined() ? bias.data_ptr<float>() : nullptr;
   for (int64_t j = 0; j < cdiv(out_cols, block); ++j)
-    for (int64_t grp = 0; grp < groups && j * block + grp * kBf16Cols < out_cols; ++grp) {
+    for (int64_t grp = 0; grp < groups && j * block + grp * s.width < out_cols; ++grp) {
       for (int32_t e = ptr[j]; e < ptr[j + 1]; ++e)
         for (int64_t kc = 0; kc < chunks; ++kc) {
-          const int64_t k0 = idx[e] * inner + kc * kBf16K;
+          const int64_t k0 = idx[e] * inner + kc * s.depth;
           if (k0 >= reduction) break;  // past a ragged edge: padding
-          g.terms.push_back({k0 * 2, ((slot[e] * groups + grp) * chunks + kc) * kBf16PackedBlock * 2});
+          g.terms.push_back({k0 * 2, ((slot[e] * groups + grp) * chunks + kc) * s.elems() * 2});
         }
       g.chunk_ptr.push_back(int64_t(g.terms.size()));
-      g.chunk_col.push_back(j * block + grp * kBf16Cols);
+      g.chunk_col.push_back(j * block + grp * s.width);
     }
   uint16_t* out = static_cast<uint16_t*>(c.data_ptr());
   bf16_gemm(k, g, [&](int64_t m) { return out + m * out_cols; });
@@ -61,8 +62,8 @@ at::Tensor bf16_linear_forward(const Bf16Kernel& k, const at::Tensor& x, const a
     b = at::zeros({cdiv(out_features, bo) * bo + kBf16Cols}, values.options().dtype(at::kFloat));
     b.narrow(0, 0, out_features).copy_(*bias);
   }
-  return block_rows_gemm(k, x, out_features, bo, bi, in, pack_blocks_vnni(values, true), row_ptr.data_ptr<int32_t>(),
-                         col_idx.data_ptr<int32_t>(), slot.data_ptr<int32_t>(), b);
+  return block_rows_gemm(k, x, out_features, bo, bi, in, pack_blocks_vnni(values, true), values_split(values, true),
+                         row_ptr.data_ptr<int32_t>(), col_idx.data_ptr<int32_t>(), slot.data_ptr<int32_t>(), b);
 }
 
 at::Tensor bf16_linear_grad_input(const Bf16Kernel& k, const at::Tensor& dy, const at::Tensor& values,
@@ -72,8 +73,8 @@ at::Tensor bf16_linear_grad_input(const Bf16Kernel& k, const at::Tensor& dy, con
   check_indices(col_ptr, row_idx, tslot, cdiv(out, bo), nnzb, "transposed");
   TORCH_CHECK(col_ptr.numel() - 1 == cdiv(in_features, bi), "freetickets_cpu: col_ptr does not match in_features");
   return block_rows_gemm(k, dy, in_features, bi, bo, out, pack_blocks_vnni(values, false),
-                         col_ptr.data_ptr<int32_t>(), row_idx.data_ptr<int32_t>(), tslot.data_ptr<int32_t>(),
-                         at::Tensor());
+                         values_split(values, false), col_ptr.data_ptr<int32_t>(), row_idx.data_ptr<int32_t>(),
+                         tslot.data_ptr<int32_t>(), at::Tensor());
 }
 
 at::Tensor bf16_linear_grad_values(const Bf16Kernel& k, const at::Tensor& dy, const at::Tensor& x,

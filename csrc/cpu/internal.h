@@ -194,22 +194,25 @@ at::Tensor widened_call(at::ScalarType dtype, Op op, const Args&... args) {
 
 // The bf16 kernel that bfloat16 operands with blocks of bo x bi run, or
 // nullptr: the widened path (fp16 always; block sides that are not whole
-// multiples of 32; FREETICKETS_CPU_ISA naming a float32 instruction set).
+// multiples of 16; FREETICKETS_CPU_ISA naming a float32 instruction set).
 const Bf16Kernel* bf16_runs(const at::Tensor& operand, int64_t bo, int64_t bi);
 
+// How values' blocks split into the kernel's sub-blocks (bf16_split):
+// reduce_inner (forward) columns along Bo, reduction along Bi; else the reverse.
+Bf16Split values_split(const at::Tensor& values, bool reduce_inner);
+
 // values [nnzb, Bo, Bi] (bf16) as the kernels' B: per slot, (column group g,
-// reduction chunk kc) sub-blocks of kBf16PackedBlock elements in VNNI pairs
-// ([half][pair row][16 columns][2]), at ((slot * groups + g) * chunks + kc)
-// * kBf16PackedBlock.  reduce_inner: B[k][n] = V[n][k] (forward: columns are
-// output features, groups Bo / 32, chunks Bi / 32); else B[k][n] = V[k][n]
-// (grad-input).  Packed per call, counted in the op's time.
+// reduction chunk kc) sub-blocks of s.elems() elements (s = values_split) in
+// VNNI pairs ([half][pair row][16 columns][2]), at ((slot * groups + g) *
+// chunks + kc) * s.elems().  reduce_inner: B[k][n] = V[n][k] (forward:
+// columns are output features, groups Bo / s.width, chunks Bi / s.depth);
+// else B[k][n] = V[k][n] (grad-input).  Packed per call, counted in the op's time.
 at::Tensor pack_blocks_vnni(const at::Tensor& values, bool reduce_inner);
-constexpr int64_t kPackedLdb = 16 * 2 * 2;                   // bytes between pair rows of a packed B
-constexpr int64_t kPackedHalf = kBf16PackedBlock / 2 * 2;    // bytes from columns 0-15 to 16-31
+constexpr int64_t kPackedLdb = 16 * 2 * 2;  // bytes between pair rows of a packed B
 
 // values as the kernels' A instead (a result computed channels by pixels):
-// the same sub-blocks at the same places, each its 32 rows (columns n of
-// pack_blocks_vnni's B) of 32 reduction steps, row-major.
+// the same sub-blocks at the same places, each its s.width rows (columns n
+// of pack_blocks_vnni's B) of s.depth reduction steps, row-major.
 at::Tensor pack_blocks_rows(const at::Tensor& values, bool reduce_inner);
 
 // Results larger than this go straight to memory with streaming stores: a
@@ -218,8 +221,9 @@ at::Tensor pack_blocks_rows(const at::Tensor& values, bool reduce_inner);
 constexpr int64_t kStreamBytes = int64_t(4) << 20;
 
 // C [rows, out_cols] (bf16, rows through out_row) = A [rows, ...] B: output
-// column chunk j (32 columns from chunk_col[j]) sums its terms
-// [chunk_ptr[j], chunk_ptr[j + 1]).  A's rows are lda bytes apart and
+// column chunk j (`width` columns from chunk_col[j]) sums its terms
+// [chunk_ptr[j], chunk_ptr[j + 1]), each `depth` deep (set_split: B packed
+// by pack_blocks_vnni).  A's rows are lda bytes apart and
 // a_readable of them can be read (a conv's padded input: more than rows);
 // a row tile reaching past them reads a zero-padded copy of its rows, whose
 // terms then must stay inside their row's lda bytes (a matrix).
@@ -228,7 +232,8 @@ struct Bf16Gemm {
   const uint8_t* a;
   int64_t lda, a_readable;
   const uint8_t* b;
-  int64_t ldb = kPackedLdb, b_half = kPackedHalf;
+  int64_t ldb = kPackedLdb, b_half = Bf16Split{kBf16Cols, kBf16K}.half_bytes();
+  int64_t width = kBf16Cols, depth = kBf16K;
   std::vector<int64_t> chunk_ptr{0}, chunk_col;
   std::vector<Bf16Term> terms;
   int64_t out_cols;
@@ -237,19 +242,26 @@ struct Bf16Gemm {
   // Rows in images of rows_per_image (a multiple of 32: no tile spans two),
   // image_bytes apart in A (0: one image).
   int64_t rows_per_image = 0, image_bytes = 0;
+  void set_split(const Bf16Split& s) {
+    width = s.width;
+    depth = s.depth;
+    b_half = s.half_bytes();
+  }
 };
 using Bf16OutRow = c10::function_ref<uint16_t*(int64_t m)>;  // row m's column 0; nullptr: not stored
 void bf16_gemm(const Bf16Kernel& k, const Bf16Gemm& g, Bf16OutRow out_row);
 
 // body(i, block, out_rows) fills work item i's block (its out_rows: 32
-// pointers) for items [0, n), which the threads share; then the kernel runs it.
+// pointers; its terms `depth` deep) for items [0, n), which the threads
+// share; then the kernel runs it.
 using Bf16Fill = c10::function_ref<void(int64_t i, Bf16Block& block, uint16_t** out_rows)>;
-void bf16_blocks(const Bf16Kernel& k, int64_t n, Bf16Fill fill);
+void bf16_blocks(const Bf16Kernel& k, int depth, int64_t n, Bf16Fill fill);
 
 // Grad-values: dv [nnzb, Bo, Bi] (bf16), block e = A (a_of(r, e): the Bo
 // rows of grad_out^T of its block row r, lda bytes apart) times B (b_of(e):
 // its Bi columns, in VNNI pairs of reduction steps ldb bytes apart), over
-// `steps` chunks of 32 reduction steps.  The threads share out the blocks.
+// `steps` chunks of 32 reduction steps.  The threads share out the blocks,
+// in groups of 32 (16 for sides of 16-multiples) rows by as many columns.
 using Bf16RowsA = c10::function_ref<const uint8_t*(int64_t r, int64_t e)>;
 using Bf16BlockB = c10::function_ref<const uint8_t*(int64_t e)>;
 at::Tensor bf16_grad_values(const Bf16Kernel& k, int64_t lda, int64_t ldb, int64_t steps, const at::Tensor& row_ptr,

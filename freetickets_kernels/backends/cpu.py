@@ -1,7 +1,7 @@
 """The ``cpu`` backend: the C++ extension's kernels (csrc/cpu).
 
 float32 runs the float32 kernels.  bfloat16 tensors whose blocks have sides
-that are multiples of 32 run the bf16 kernels (AMX, else AVX512-BF16;
+that are multiples of 16 run the bf16 kernels (AMX, else AVX512-BF16;
 csrc/cpu/bf16_*): bf16 operands, float32 accumulation, one rounding of each
 result.  Other bfloat16 and all float16 tensors are widened to float32 at the
 op's entry (csrc/cpu/precision.cpp) and the result is rounded once, so they

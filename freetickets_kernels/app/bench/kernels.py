@@ -158,9 +158,11 @@ def add_arguments(parser: argparse.ArgumentParser, out_default: str) -> None:
                         help="conv input memory format; dense F.conv2d gets the same input")
     parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=["fp32"],
                         help="precisions to time, each against the dense op in the same precision (default fp32; "
-                             "bf16 runs our bf16 kernels where block sides are multiples of 32, fp16 and other bf16 "
+                             "bf16 runs our bf16 kernels where block sides are multiples of 16, fp16 and other bf16 "
                              "our widened-to-fp32 path; dense runs oneDNN in that precision). With fp32 among them, "
                              "each low-precision row also times our fp32 op beside ours (vs_our_fp32)")
+    parser.add_argument("--blocks", type=int, nargs="+", default=None,
+                        help="block sides to time (default: 16 32 64 for linear, 16 32 for conv2d)")
     parser.add_argument("--interleaved", action="store_true",
                         help="call ours and dense in turn in every timed round: each op then finds the caches as the "
                              "other left them, as a layer inside a network does (default: each op timed on its own, "
@@ -176,6 +178,8 @@ def check_arguments(args: argparse.Namespace) -> None:
             raise ValueError(f"density must be in (0, 1], got {d}")
     if args.threads <= 0 or args.repeats <= 0:
         raise ValueError("--threads and --repeats must be positive")
+    if args.blocks and min(args.blocks) <= 0:
+        raise ValueError(f"--blocks must be positive, got {args.blocks}")
     if "cpu" not in ftk.available_backends():
         raise ValueError("the C++ CPU backend is not built: pip install --no-build-isolation -e .")
 
@@ -187,10 +191,12 @@ def run(args: argparse.Namespace) -> int:
 
     jobs = []
     if "linear" in args.ops:
-        for shape, block in itertools.product(QUICK_LINEAR if args.quick else LINEAR_SHAPES, (16, 32, 64)):
+        blocks = args.blocks or (16, 32, 64)
+        for shape, block in itertools.product(QUICK_LINEAR if args.quick else LINEAR_SHAPES, blocks):
             jobs += [("linear", shape, block, d, t) for d in args.densities for t in args.dtypes]
     if "conv2d" in args.ops:
-        for spec, fmt, block in itertools.product(QUICK_CONV if args.quick else CONV_SHAPES, args.formats, (16, 32)):
+        blocks = args.blocks or (16, 32)
+        for spec, fmt, block in itertools.product(QUICK_CONV if args.quick else CONV_SHAPES, args.formats, blocks):
             jobs += [("conv2d", (spec, fmt), block, d, t) for d in args.densities for t in args.dtypes]
     def bench(job, repeats):
         op, shape, block, density, dtype = job
