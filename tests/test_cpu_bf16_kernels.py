@@ -113,6 +113,9 @@ CONV_CASES = [
     (40, 50, (3, 2), (32, 32), 0.6, 2, (8, 9), (2, 1), (0, 2), (2, 1)),
     (64, 96, (1, 1), (32, 32), 1.0, 2, (5, 5), (1, 1), (0, 0), (1, 1)),
     (96, 64, (1, 1), (32, 64), 0.7, 3, (6, 6), (2, 2), (0, 0), (1, 1)),
+    # strided 1x1s: the stride-1 conv of every stride-th pixel, grad-input into those pixels of a zeroed dx
+    (64, 32, (1, 1), (32, 32), 0.6, 2, (7, 9), (2, 3), (0, 0), (1, 1)),
+    (48, 64, (1, 1), (16, 32), 0.7, 1, (8, 5), (3, 1), (0, 0), (1, 1)),
     # live blocks that read some of the channel chunks only, the ragged last one among them, and empty
     # block rows (seed 0: rows 2 and 4; chunks 0, 1, 4 unread): each op's B and A hold the read chunks only
     (160, 200, (1, 1), (32, 32), 0.15, 2, (9, 9), (1, 1), (0, 0), (1, 1)),
@@ -163,6 +166,8 @@ STRIDED_VIEWS = {
     # other column, stride 2: the padded copy transposes planes with no unit stride at all)
     "nchw cropped": ((64, 48, 3, 3), 1, 1, (2, 48, 12, 40), lambda t: t.contiguous()[..., 1:37]),
     "nchw every_other_column": ((32, 32, 3, 3), 2, 1, (2, 32, 12, 24), lambda t: t.contiguous()[..., ::2]),
+    "strided 1x1 cropped": ((64, 32, 1, 1), 2, 0, (2, 32, 12, 14), lambda t: t[..., 1:12]),
+    "nchw strided 1x1 cropped": ((64, 32, 1, 1), 2, 0, (2, 32, 12, 14), lambda t: t.contiguous()[..., 1:12]),
     # few channels: the folded copy gathers through the strides (cropped: channels-last runs)
     "stem every_other_column": ((32, 3, 7, 7), 2, 3, (2, 3, 17, 24), lambda t: t[..., ::2]),
     "stem cropped": ((32, 3, 7, 7), 2, 3, (2, 3, 17, 24), lambda t: t[:, :, 2:15, 1:12]),

@@ -11,8 +11,10 @@
 // stored (Wv - out_w of every Wv).  Grad-input (stride 1) is the forward
 // conv of grad_out with flipped taps and transposed blocks; grad-values
 // reduces over the padded pixels with grad_out^T placed on the same grid.
-// Strided grad-input takes the widened path; grad-values of any stride
-// reduces over the input's phase planes (pixel_pairs).  A 1x1,
+// Strided grad-input takes the widened path, but for a 1x1 unpadded conv,
+// which like its forward is the stride-1 conv of a strided view of the
+// input's pixels (strided_pointwise); grad-values of any stride reduces
+// over the input's phase planes (pixel_pairs).  A 1x1,
 // stride-1, unpadded conv of a channels-last input whose channels fill its
 // blocks (ResNet's pointwise convs) needs no copy: the padded copy would be
 // the input itself, so its GEMM reads the input in place.  A forward conv
@@ -641,6 +643,18 @@ at::Tensor folded_grad_values(const Bf16Kernel& k, const at::Tensor& dy, const a
   return dv;
 }
 
+// A 1x1 unpadded conv of stride s reads input pixels (s y, s x) only, and
+// its grad-input writes only those: it is the stride-1 conv of that strided
+// view, whose copies then gather a quarter of the input at stride 2 (the
+// phase-split copy of a strided conv copies all of it).
+bool strided_pointwise(at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding) {
+  return kernel[0] == 1 && kernel[1] == 1 && padding[0] == 0 && padding[1] == 0 && (stride[0] > 1 || stride[1] > 1);
+}
+
+at::Tensor strided_pixels(const at::Tensor& t, at::IntArrayRef stride) {
+  return t.slice(2, 0, t.size(2), stride[0]).slice(3, 0, t.size(3), stride[1]);
+}
+
 at::Tensor padded_bias_f32(const std::optional<at::Tensor>& bias, int64_t padded_len) {
   if (!bias.has_value()) return at::Tensor();
   at::Tensor b = at::zeros({padded_len + kBf16Cols}, bias->options().dtype(at::kFloat));
@@ -652,9 +666,11 @@ at::Tensor padded_bias_f32(const std::optional<at::Tensor>& bias, int64_t padded
 
 bool bf16_conv_grad_runs(at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef kernel,
                          at::IntArrayRef dilation) {
-  // the transposed conv as a forward conv: stride 1 and padding d*(k-1) - p >= 0
-  return stride[0] == 1 && stride[1] == 1 && padding[0] <= dilation[0] * (kernel[0] - 1) &&
-         padding[1] <= dilation[1] * (kernel[1] - 1);
+  // the transposed conv as a forward conv: stride 1 and padding d*(k-1) - p >= 0, or a strided 1x1
+  // (strided_pointwise: a stride-1 1x1 into every stride-th pixel)
+  return (stride[0] == 1 && stride[1] == 1 && padding[0] <= dilation[0] * (kernel[0] - 1) &&
+          padding[1] <= dilation[1] * (kernel[1] - 1)) ||
+         strided_pointwise(kernel, stride, padding);
 }
 
 at::Tensor bf16_conv2d_forward(const Bf16Kernel& k, const at::Tensor& x, const at::Tensor& values,
@@ -685,23 +701,36 @@ at::Tensor bf16_conv2d_forward(const Bf16Kernel& k, const at::Tensor& x, const a
       chunk_col.push_back(r * bo + grp * s.width);
     }
   at::Tensor out = conv_output({g.n, out_channels, g.oh, g.ow}, x);
+  if (strided_pointwise(kernel, stride, padding)) {
+    const at::Tensor view = strided_pixels(x, stride);
+    implicit_gemm(k, view, bpt * bi, geom(view.sizes(), out_channels, kernel, {1, 1}, padding, dilation), chunk_ptr,
+                  chunk_col, terms, values, true, bias_f32, out);
+    return out;
+  }
   implicit_gemm(k, x, bpt * bi, g, chunk_ptr, chunk_col, terms, values, true, bias_f32, out);
   return out;
 }
 
 at::Tensor bf16_conv2d_grad_input(const Bf16Kernel& k, const at::Tensor& dy, const at::Tensor& values,
                                   const at::Tensor& col_ptr, const at::Tensor& row_idx, const at::Tensor& tslot,
-                                  at::IntArrayRef input_size, at::IntArrayRef kernel, at::IntArrayRef padding,
-                                  at::IntArrayRef dilation) {
+                                  at::IntArrayRef input_size, at::IntArrayRef kernel, at::IntArrayRef stride,
+                                  at::IntArrayRef padding, at::IntArrayRef dilation) {
   const int64_t cin = input_size[1], cout = dy.size(1), nnzb = values.size(0), bo = values.size(1),
                 bi = values.size(2);
   const int64_t kh = kernel[0], kw = kernel[1], bpt = cdiv(cin, bi), R = cdiv(cout, bo);
   check_indices(col_ptr, row_idx, tslot, R, nnzb, "transposed");
   TORCH_CHECK(col_ptr.numel() - 1 == kh * kw * bpt, "freetickets_cpu: col_ptr does not match the input channels");
-  // dx = the stride-1 conv of dy padded by d*(k-1) - p, taps flipped, blocks transposed.
+  // dx = the stride-1 conv of dy padded by d*(k-1) - p, taps flipped, blocks transposed; a strided 1x1's
+  // into every stride-th pixel of dx, the others zero.
+  at::Tensor dx = conv_output({input_size[0], cin, input_size[2], input_size[3]}, dy);
+  at::Tensor target = dx;
+  if (strided_pointwise(kernel, stride, padding)) {
+    dx.zero_();
+    target = strided_pixels(dx, stride);
+  }
   const int64_t p_h = dilation[0] * (kh - 1) - padding[0], p_w = dilation[1] * (kw - 1) - padding[1];
   const Geom g = geom(dy.sizes(), cin, kernel, {1, 1}, {p_h, p_w}, dilation);
-  TORCH_CHECK(g.oh == input_size[2] && g.ow == input_size[3], "freetickets_cpu: grad_out does not match input_size");
+  TORCH_CHECK(g.oh == target.size(2) && g.ow == target.size(3), "freetickets_cpu: grad_out does not match input_size");
   const Bf16Split s = values_split(values, false);
   const int64_t groups = bi / s.width, chunks = bo / s.depth;
   std::vector<int64_t> chunk_ptr{0}, chunk_col;
@@ -717,8 +746,12 @@ at::Tensor bf16_conv2d_grad_input(const Bf16Kernel& k, const at::Tensor& dy, con
       chunk_ptr.push_back(int64_t(terms.size()));
       chunk_col.push_back(cb * bi + grp * s.width);
     }
-  at::Tensor dx = conv_output({input_size[0], cin, input_size[2], input_size[3]}, dy);
-  implicit_gemm(k, dy, R * bo, g, chunk_ptr, chunk_col, terms, values, false, nullptr, dx);
+  // Into an NCHW dx's strided pixels: a compact result (channels by pixels, whole output rows) and one strided
+  // copy, as each bf16 stored `stride` elements from the last would go out on its own.
+  const bool compact = target.stride(1) != 1 && !target.is_same(dx);
+  at::Tensor result = compact ? at::empty(target.sizes(), target.options()) : target;
+  implicit_gemm(k, dy, R * bo, g, chunk_ptr, chunk_col, terms, values, false, nullptr, result);
+  if (compact) target.copy_(result);
   return dx;
 }
 
