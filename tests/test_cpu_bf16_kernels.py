@@ -113,6 +113,11 @@ CONV_CASES = [
     (40, 50, (3, 2), (32, 32), 0.6, 2, (8, 9), (2, 1), (0, 2), (2, 1)),
     (64, 96, (1, 1), (32, 32), 1.0, 2, (5, 5), (1, 1), (0, 0), (1, 1)),
     (96, 64, (1, 1), (32, 64), 0.7, 3, (6, 6), (2, 2), (0, 0), (1, 1)),
+    # grad-input per stride phase of dx: phases no tap reaches (stride 3 > kernel 2: zero pixels), padding
+    # past the kernel's reach (stride 1, one phase), dilation with stride
+    (32, 32, (2, 2), (32, 32), 0.8, 1, (9, 10), (3, 3), (0, 1), (1, 1)),
+    (32, 64, (1, 1), (32, 32), 0.8, 2, (5, 6), (1, 1), (1, 1), (1, 1)),
+    (64, 32, (3, 3), (32, 16), 0.7, 1, (11, 10), (2, 3), (2, 1), (2, 2)),
     # strided 1x1s: the stride-1 conv of every stride-th pixel, grad-input into those pixels of a zeroed dx
     (64, 32, (1, 1), (32, 32), 0.6, 2, (7, 9), (2, 3), (0, 0), (1, 1)),
     (48, 64, (1, 1), (16, 32), 0.7, 1, (8, 5), (3, 1), (0, 0), (1, 1)),

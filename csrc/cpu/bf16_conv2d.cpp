@@ -8,13 +8,13 @@
 // reads pixel  phase_base + (i*dh / sh) * Wq + j*dw + sw * v : one stride for
 // every row of a tile, across output rows too, so a tile loads A straight
 // from the copy.  Virtual pixels with x >= out_w read padding and are not
-// stored (Wv - out_w of every Wv).  Grad-input (stride 1) is the forward
-// conv of grad_out with flipped taps and transposed blocks; grad-values
-// reduces over the padded pixels with grad_out^T placed on the same grid.
-// Strided grad-input takes the widened path, but for a 1x1 unpadded conv,
-// which like its forward is the stride-1 conv of a strided view of the
-// input's pixels (strided_pointwise); grad-values of any stride reduces
-// over the input's phase planes (pixel_pairs).  A 1x1,
+// stored (Wv - out_w of every Wv).  Grad-input is, per stride phase of
+// the input's pixels, a stride-1 conv of grad_out with the taps that reach
+// that phase, flipped, and transposed blocks (stride 1: one phase, every
+// tap); grad-values reduces over the padded pixels with grad_out^T placed
+// on the same grid, and for strided convs over the input's phase planes
+// (pixel_pairs).  A strided 1x1 forward is the stride-1 conv of a strided
+// view of the input's pixels (strided_pointwise).  A 1x1,
 // stride-1, unpadded conv of a channels-last input whose channels fill its
 // blocks (ResNet's pointwise convs) needs no copy: the padded copy would be
 // the input itself, so its GEMM reads the input in place.  A forward conv
@@ -643,10 +643,10 @@ at::Tensor folded_grad_values(const Bf16Kernel& k, const at::Tensor& dy, const a
   return dv;
 }
 
-// A 1x1 unpadded conv of stride s reads input pixels (s y, s x) only, and
-// its grad-input writes only those: it is the stride-1 conv of that strided
-// view, whose copies then gather a quarter of the input at stride 2 (the
-// phase-split copy of a strided conv copies all of it).
+// A 1x1 unpadded conv of stride s reads input pixels (s y, s x) only: its
+// forward is the stride-1 conv of that strided view, whose copies then
+// gather a quarter of the input at stride 2 (the phase-split copy of a
+// strided conv copies all of it).
 bool strided_pointwise(at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding) {
   return kernel[0] == 1 && kernel[1] == 1 && padding[0] == 0 && padding[1] == 0 && (stride[0] > 1 || stride[1] > 1);
 }
@@ -663,15 +663,6 @@ at::Tensor padded_bias_f32(const std::optional<at::Tensor>& bias, int64_t padded
 }
 
 }  // namespace
-
-bool bf16_conv_grad_runs(at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef kernel,
-                         at::IntArrayRef dilation) {
-  // the transposed conv as a forward conv: stride 1 and padding d*(k-1) - p >= 0, or a strided 1x1
-  // (strided_pointwise: a stride-1 1x1 into every stride-th pixel)
-  return (stride[0] == 1 && stride[1] == 1 && padding[0] <= dilation[0] * (kernel[0] - 1) &&
-          padding[1] <= dilation[1] * (kernel[1] - 1)) ||
-         strided_pointwise(kernel, stride, padding);
-}
 
 at::Tensor bf16_conv2d_forward(const Bf16Kernel& k, const at::Tensor& x, const at::Tensor& values,
                                const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& slot,
@@ -715,43 +706,82 @@ at::Tensor bf16_conv2d_grad_input(const Bf16Kernel& k, const at::Tensor& dy, con
                                   const at::Tensor& col_ptr, const at::Tensor& row_idx, const at::Tensor& tslot,
                                   at::IntArrayRef input_size, at::IntArrayRef kernel, at::IntArrayRef stride,
                                   at::IntArrayRef padding, at::IntArrayRef dilation) {
-  const int64_t cin = input_size[1], cout = dy.size(1), nnzb = values.size(0), bo = values.size(1),
-                bi = values.size(2);
+  const int64_t n = input_size[0], cin = input_size[1], cout = dy.size(1), nnzb = values.size(0),
+                bo = values.size(1), bi = values.size(2);
   const int64_t kh = kernel[0], kw = kernel[1], bpt = cdiv(cin, bi), R = cdiv(cout, bo);
   check_indices(col_ptr, row_idx, tslot, R, nnzb, "transposed");
   TORCH_CHECK(col_ptr.numel() - 1 == kh * kw * bpt, "freetickets_cpu: col_ptr does not match the input channels");
-  // dx = the stride-1 conv of dy padded by d*(k-1) - p, taps flipped, blocks transposed; a strided 1x1's
-  // into every stride-th pixel of dx, the others zero.
-  at::Tensor dx = conv_output({input_size[0], cin, input_size[2], input_size[3]}, dy);
-  at::Tensor target = dx;
-  if (strided_pointwise(kernel, stride, padding)) {
-    dx.zero_();
-    target = strided_pixels(dx, stride);
-  }
-  const int64_t p_h = dilation[0] * (kh - 1) - padding[0], p_w = dilation[1] * (kw - 1) - padding[1];
-  const Geom g = geom(dy.sizes(), cin, kernel, {1, 1}, {p_h, p_w}, dilation);
-  TORCH_CHECK(g.oh == target.size(2) && g.ow == target.size(3), "freetickets_cpu: grad_out does not match input_size");
+  const Geom fwd = geom(input_size, cout, kernel, stride, padding, dilation);
+  TORCH_CHECK(fwd.oh == dy.size(2) && fwd.ow == dy.size(3), "freetickets_cpu: grad_out does not match input_size");
   const Bf16Split s = values_split(values, false);
   const int64_t groups = bi / s.width, chunks = bo / s.depth;
-  std::vector<int64_t> chunk_ptr{0}, chunk_col;
-  std::vector<ConvTerm> terms;
   const int32_t *cp = col_ptr.data_ptr<int32_t>(), *ri = row_idx.data_ptr<int32_t>(), *ts = tslot.data_ptr<int32_t>();
-  for (int64_t cb = 0; cb < bpt; ++cb)
-    for (int64_t grp = 0; grp < groups && cb * bi + grp * s.width < cin; ++grp) {
-      for (int64_t tap = 0; tap < kh * kw; ++tap)
-        for (int32_t e = cp[tap * bpt + cb]; e < cp[tap * bpt + cb + 1]; ++e)
-          for (int64_t kc = 0; kc < chunks && ri[e] * bo + kc * s.depth < cout; ++kc)
-            terms.push_back({kh - 1 - tap / kw, kw - 1 - tap % kw, ri[e] * bo + kc * s.depth,
-                             (ts[e] * groups + grp) * chunks + kc});
-      chunk_ptr.push_back(int64_t(terms.size()));
-      chunk_col.push_back(cb * bi + grp * s.width);
+  // One GEMM per phase (r, c) of dx's pixels (row % sh, column % sw): pixel (q sh + r, u sw + c) sums, over
+  // the taps (i, j) with (r + ph - i dh) and (c + pw - j dw) divisible by the stride, grad_out pixel
+  // (q + a_i, u + b_j), a_i = (r + ph - i dh) / sh, b_j likewise: a stride-1 conv of grad_out (padded by
+  // P: the rows and columns a phase reads past it) with tap offsets (a_i + P, b_j + P), transposed blocks,
+  // into the phase's pixels.  Stride 1: one phase, the taps flipped.
+  struct Taps {
+    std::vector<std::vector<int64_t>> offset;  // [phase][tap index]: a_i, or INT64_MIN where the tap skips it
+    int64_t pad = 0;                           // P
+  };
+  auto taps_of = [](int64_t size, int64_t out, int64_t kernel, int64_t stride, int64_t pad, int64_t dil) {
+    Taps t;
+    t.offset.assign(size_t(stride), std::vector<int64_t>(size_t(kernel), std::numeric_limits<int64_t>::min()));
+    for (int64_t r = 0; r < stride && r < size; ++r) {
+      const int64_t q = cdiv(size - r, stride);  // the phase's pixels along this side
+      for (int64_t i = 0; i < kernel; ++i) {
+        const int64_t reach = r + pad - i * dil;
+        if (reach % stride) continue;
+        const int64_t a = reach / stride;
+        t.offset[size_t(r)][size_t(i)] = a;
+        t.pad = std::max({t.pad, -a, q - 1 + a - (out - 1)});
+      }
     }
-  // Into an NCHW dx's strided pixels: a compact result (channels by pixels, whole output rows) and one strided
-  // copy, as each bf16 stored `stride` elements from the last would go out on its own.
-  const bool compact = target.stride(1) != 1 && !target.is_same(dx);
-  at::Tensor result = compact ? at::empty(target.sizes(), target.options()) : target;
-  implicit_gemm(k, dy, R * bo, g, chunk_ptr, chunk_col, terms, values, false, nullptr, result);
-  if (compact) target.copy_(result);
+    return t;
+  };
+  const Taps rows = taps_of(input_size[2], dy.size(2), kh, stride[0], padding[0], dilation[0]);
+  const Taps cols = taps_of(input_size[3], dy.size(3), kw, stride[1], padding[1], dilation[1]);
+  at::Tensor dx = conv_output({n, cin, input_size[2], input_size[3]}, dy);
+  auto reached = [](const Taps& t, int64_t phase) {
+    const std::vector<int64_t>& o = t.offset[size_t(phase)];
+    return std::any_of(o.begin(), o.end(), [](int64_t a) { return a != std::numeric_limits<int64_t>::min(); });
+  };
+  bool unreached = false;  // a phase no tap reaches: its pixels are zero
+  for (int64_t r = 0; r < std::min(stride[0], input_size[2]); ++r) unreached = unreached || !reached(rows, r);
+  for (int64_t c = 0; c < std::min(stride[1], input_size[3]); ++c) unreached = unreached || !reached(cols, c);
+  if (unreached) dx.zero_();
+  for (int64_t r = 0; r < std::min(stride[0], input_size[2]); ++r)
+    for (int64_t c = 0; c < std::min(stride[1], input_size[3]); ++c) {
+      std::vector<int64_t> chunk_ptr{0}, chunk_col;
+      std::vector<ConvTerm> terms;
+      int64_t reach_h = 0, reach_w = 0;  // the largest tap offsets (+ P) used, + 1
+      for (int64_t cb = 0; cb < bpt; ++cb)
+        for (int64_t grp = 0; grp < groups && cb * bi + grp * s.width < cin; ++grp) {
+          for (int64_t tap = 0; tap < kh * kw; ++tap) {
+            const int64_t a = rows.offset[size_t(r)][size_t(tap / kw)], b = cols.offset[size_t(c)][size_t(tap % kw)];
+            if (a == std::numeric_limits<int64_t>::min() || b == std::numeric_limits<int64_t>::min()) continue;
+            reach_h = std::max(reach_h, a + rows.pad + 1);
+            reach_w = std::max(reach_w, b + cols.pad + 1);
+            for (int32_t e = cp[tap * bpt + cb]; e < cp[tap * bpt + cb + 1]; ++e)
+              for (int64_t kc = 0; kc < chunks && ri[e] * bo + kc * s.depth < cout; ++kc)
+                terms.push_back({a + rows.pad, b + cols.pad, ri[e] * bo + kc * s.depth,
+                                 (ts[e] * groups + grp) * chunks + kc});
+          }
+          chunk_ptr.push_back(int64_t(terms.size()));
+          chunk_col.push_back(cb * bi + grp * s.width);
+        }
+      if (!reached(rows, r) || !reached(cols, c)) continue;
+      at::Tensor target = dx.slice(2, r, input_size[2], stride[0]).slice(3, c, input_size[3], stride[1]);
+      Geom g{n, R * bo, dy.size(2), dy.size(3), cin, target.size(2), target.size(3), reach_h, reach_w, 1, 1,
+             rows.pad, cols.pad, 1, 1};
+      // Into an NCHW dx's strided pixels: a compact result (channels by pixels, whole output rows) and one
+      // strided copy, as each bf16 stored `stride` elements from the last would go out on its own.
+      const bool compact = target.stride(1) != 1 && !target.is_contiguous();
+      at::Tensor result = compact ? at::empty(target.sizes(), target.options()) : target;
+      implicit_gemm(k, dy, R * bo, g, chunk_ptr, chunk_col, terms, values, false, nullptr, result);
+      if (compact) target.copy_(result);
+    }
   return dx;
 }
 

@@ -356,9 +356,8 @@ at::Tensor conv2d_grad_input(const at::Tensor& dy, const at::Tensor& values_, co
                              at::IntArrayRef padding, at::IntArrayRef dilation) {
   const at::ScalarType dtype = op_dtype({&dy, &values_}, {"grad_out", "values"});
   if (const Bf16Kernel* k = bf16_runs(dy, values_.size(1), values_.size(2)))
-    if (bf16_conv_grad_runs(stride, padding, kernel, dilation))
-      return bf16_conv2d_grad_input(*k, dy, values_, col_ptr, row_idx, tslot, input_size, kernel, stride, padding,
-                                    dilation);
+    return bf16_conv2d_grad_input(*k, dy, values_, col_ptr, row_idx, tslot, input_size, kernel, stride, padding,
+                                  dilation);
   if (dtype != at::kFloat)
     return widened_call(dtype, conv2d_grad_input, dy, values_, col_ptr, row_idx, tslot, input_size, kernel, stride,
                         padding, dilation);

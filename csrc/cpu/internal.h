@@ -74,11 +74,6 @@ at::Tensor bf16_conv2d_forward(const Bf16Kernel& k, const at::Tensor& x, const a
                                const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& slot,
                                const std::optional<at::Tensor>& bias, int64_t out_channels, at::IntArrayRef kernel,
                                at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation);
-// Whether the bf16 conv grad-input takes this geometry (stride 1, padding at
-// most the dilated kernel's reach; or 1x1 unpadded, any stride); others are
-// widened.  Grad-values takes every geometry.
-bool bf16_conv_grad_runs(at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef kernel,
-                         at::IntArrayRef dilation);
 at::Tensor bf16_conv2d_grad_input(const Bf16Kernel& k, const at::Tensor& grad_out, const at::Tensor& values,
                                   const at::Tensor& col_ptr, const at::Tensor& row_idx, const at::Tensor& tslot,
                                   at::IntArrayRef input_size, at::IntArrayRef kernel, at::IntArrayRef stride,
