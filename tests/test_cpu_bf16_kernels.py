@@ -61,6 +61,9 @@ LINEAR_CASES = [
     (96, 80, (32, 16), 0.5, 17),
     (80, 64, (16, 32), 0.5, 40),
     (96, 96, (48, 16), 0.4, 9),
+    # x smaller than the live blocks (most cases above with few tokens too): the weights-first forward,
+    # two token tiles, the second of 8 tokens
+    (128, 64, (32, 32), 0.8, 40),
 ]
 
 

@@ -1,5 +1,6 @@
 // Linear ops on bfloat16 operands through the bf16 kernel (bf16_tile.h):
-// y = x W^T + b and dx = dy W as row-tile GEMMs over packed blocks, and
+// y = x W^T + b and dx = dy W as row-tile GEMMs over packed blocks (a
+// forward of few tokens: weights first, weights_as_a_forward), and
 // dv = dy^T x per live block over the tokens (as a 1x1 conv's).  float32
 // accumulation, one rounding to bf16 per result.
 #include "internal.h"
@@ -49,6 +50,70 @@ at::Tensor block_rows_gemm(const Bf16Kernel& k, const at::Tensor& a_, int64_t ou
   return c;
 }
 
+// x^T in VNNI pairs for the weights-first forward: [pair rows][tpad tokens][2], pair row p of token t holding
+// features 2p and 2p + 1 of x (zero past the features and for tokens >= x's).
+at::Tensor token_pairs(const at::Tensor& x_, int64_t pair_rows, int64_t tpad) {
+  const at::Tensor x = x_.contiguous();
+  const int64_t tokens = x.size(0), in = x.size(1);
+  at::Tensor t = at::zeros({pair_rows, tpad, 2}, x.options());
+  const uint16_t* src = static_cast<const uint16_t*>(x.data_ptr());
+  uint16_t* dst = static_cast<uint16_t*>(t.data_ptr());
+  at::parallel_for(0, pair_rows, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < std::min(end, cdiv(in, 2)); ++p)
+      for (int64_t tok = 0; tok < tokens; ++tok) {
+        dst[(p * tpad + tok) * 2] = src[tok * in + 2 * p];
+        if (2 * p + 1 < in) dst[(p * tpad + tok) * 2 + 1] = src[tok * in + 2 * p + 1];
+      }
+  });
+  return t;
+}
+
+// y = x W^T + b for few tokens, as y^T = W x^T: A = the live blocks in place (a block's rows are its
+// reduction steps, contiguous: no packing), B = x^T in VNNI pairs (token_pairs: tokens as columns), each
+// block's result column (a token) stored down that token's row of y.  Where x is smaller than the live
+// blocks, packing those for the row-tile GEMM cost as much as its multiplies (32 tokens, 4096 -> 4096).
+at::Tensor weights_as_a_forward(const Bf16Kernel& k, const at::Tensor& x, const at::Tensor& values_,
+                                const int32_t* rp, const int32_t* ci, const int32_t* sl, int64_t R,
+                                const float* bias, int64_t out_features) {
+  const at::Tensor values = values_.contiguous();
+  const int64_t tokens = x.size(0), in = x.size(1), bo = values.size(1), bi = values.size(2);
+  const Bf16Split s = values_split(values, true);  // width: rows of a block of y^T (output features)
+  const int64_t tpad = cdiv(tokens, kBf16Cols) * kBf16Cols, tiles = tpad / kBf16Cols;
+  const at::Tensor bt = token_pairs(x, cdiv(in, kBf16K) * kBf16K / 2, tpad);
+  const int64_t groups = bo / s.width, chunks = bi / s.depth, ldb = tpad * 4;
+  std::vector<int64_t> chunk_ptr{0}, chunk_row;  // output chunks: `width` features from chunk_row
+  std::vector<Bf16Term> terms;
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t grp = 0; grp < groups && r * bo + grp * s.width < out_features; ++grp) {
+      for (int32_t e = rp[r]; e < rp[r + 1]; ++e)
+        for (int64_t kc = 0; kc < chunks && ci[e] * bi + kc * s.depth < in; ++kc)
+          terms.push_back({((sl[e] * bo + grp * s.width) * bi + kc * s.depth) * 2, (ci[e] * bi + kc * s.depth) / 2 * ldb});
+      chunk_ptr.push_back(int64_t(terms.size()));
+      chunk_row.push_back(r * bo + grp * s.width);
+    }
+  at::Tensor y = at::empty({tokens, out_features}, x.options());
+  uint16_t* out = static_cast<uint16_t*>(y.data_ptr());
+  const int64_t chunks_out = int64_t(chunk_row.size());
+  // items (output chunk, token tile): a thread's consecutive items share their A
+  bf16_blocks(k, int(s.depth), chunks_out * tiles, [&](int64_t item, Bf16Block& b, uint16_t** out_rows) {
+    const int64_t j = item / tiles, tile = item % tiles, f0 = chunk_row[size_t(j)];
+    b.row_tiles = int(s.width / kBf16TileRows);
+    b.a = bytes(values);
+    b.lda = bi * 2;
+    b.b = bytes(bt) + tile * kBf16Cols * 4;
+    b.ldb = ldb;
+    b.b_half = 16 * 4;
+    b.terms = terms.data() + chunk_ptr[size_t(j)];
+    b.nterms = chunk_ptr[size_t(j) + 1] - chunk_ptr[size_t(j)];
+    b.cols = int(std::min<int64_t>(kBf16Cols, tokens - tile * kBf16Cols));
+    b.row_bias = bias ? bias + f0 : nullptr;
+    b.out_col_stride = out_features;
+    for (int64_t r = 0; r < s.width; ++r)
+      out_rows[r] = f0 + r < out_features ? out + tile * kBf16Cols * out_features + f0 + r : nullptr;
+  });
+  return y;
+}
+
 }  // namespace
 
 at::Tensor bf16_linear_forward(const Bf16Kernel& k, const at::Tensor& x, const at::Tensor& values,
@@ -62,6 +127,10 @@ at::Tensor bf16_linear_forward(const Bf16Kernel& k, const at::Tensor& x, const a
     b = at::zeros({cdiv(out_features, bo) * bo + kBf16Cols}, values.options().dtype(at::kFloat));
     b.narrow(0, 0, out_features).copy_(*bias);
   }
+  if (x.size(0) * in < nnzb * bo * bi && x.size(0) > 0)  // x smaller than the live blocks: weights first
+    return weights_as_a_forward(k, x, values, row_ptr.data_ptr<int32_t>(), col_idx.data_ptr<int32_t>(),
+                                slot.data_ptr<int32_t>(), row_ptr.numel() - 1, b.defined() ? b.data_ptr<float>() : nullptr,
+                                out_features);
   return block_rows_gemm(k, x, out_features, bo, bi, in, pack_blocks_vnni(values, true), values_split(values, true),
                          row_ptr.data_ptr<int32_t>(), col_idx.data_ptr<int32_t>(), slot.data_ptr<int32_t>(), b);
 }

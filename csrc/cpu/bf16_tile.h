@@ -61,6 +61,9 @@ struct Bf16Block {
   // `bias` is one float per row: a result computed channels by pixels (rows output channels, NCHW).
   const int64_t* out_col_offsets = nullptr;
   int depth = kBf16K;            // reduction steps per term, 32 or 16: that of the kernel's `begin`
+  // Where set (with out_rows, not out_col_offsets): one float per row added before rounding, in place of
+  // `bias` (a result computed features by tokens, stored down its rows: the weights-as-A linear).
+  const float* row_bias = nullptr;
 };
 
 // One bf16 kernel: `begin(depth)` once per thread and op call before its
