@@ -119,6 +119,8 @@ CONV_CASES = [
     # grad-input per stride phase of dx: phases no tap reaches (stride 3 > kernel 2: zero pixels), padding
     # past the kernel's reach (stride 1, one phase), dilation with stride
     (32, 32, (2, 2), (32, 32), 0.8, 1, (9, 10), (3, 3), (0, 1), (1, 1)),
+    # a phase of one tap at offset 0 with fewer pixels than grad_out (not read in place: one row per pixel)
+    (32, 32, (2, 2), (32, 32), 1.0, 2, (4, 4), (2, 2), (1, 1), (1, 1)),
     (32, 64, (1, 1), (32, 32), 0.8, 2, (5, 6), (1, 1), (1, 1), (1, 1)),
     (64, 32, (3, 3), (32, 16), 0.7, 1, (11, 10), (2, 3), (2, 1), (2, 2)),
     # strided 1x1s: the stride-1 conv of every stride-th pixel, grad-input into those pixels of a zeroed dx

@@ -145,10 +145,12 @@ struct ConvTerm {
   int64_t i, j, channel, b_block;
 };
 
-// Whether the padded copy of `src` for `g` would be `src` itself: a 1x1, stride-1, unpadded conv of a
+// Whether the padded copy of `src` for `g` would be `src` itself (one GEMM row per pixel of src, so the
+// result has as many: a grad-input phase may have fewer): a 1x1, stride-1, unpadded conv of a
 // channels-last input of exactly `cp` channels (every pixel's channels contiguous, pixels one after another).
 bool reads_in_place(const at::Tensor& src, int64_t cp, const Geom& g) {
-  return g.kh == 1 && g.kw == 1 && g.sh == 1 && g.sw == 1 && g.ph == 0 && g.pw == 0 && src.size(1) == cp &&
+  return g.kh == 1 && g.kw == 1 && g.sh == 1 && g.sw == 1 && g.ph == 0 && g.pw == 0 && g.oh == g.h && g.ow == g.w &&
+         src.size(1) == cp &&
          (src.size(1) == 1 || src.stride(1) == 1) && (g.w == 1 || src.stride(3) == cp) &&
          (g.h == 1 || src.stride(2) == g.w * cp) && (g.n == 1 || src.stride(0) == g.h * g.w * cp);
 }
