@@ -87,7 +87,8 @@ at::Tensor weights_as_a_forward(const Bf16Kernel& k, const at::Tensor& x, const 
     for (int64_t grp = 0; grp < groups && r * bo + grp * s.width < out_features; ++grp) {
       for (int32_t e = rp[r]; e < rp[r + 1]; ++e)
         for (int64_t kc = 0; kc < chunks && ci[e] * bi + kc * s.depth < in; ++kc)
-          terms.push_back({((sl[e] * bo + grp * s.width) * bi + kc * s.depth) * 2, (ci[e] * bi + kc * s.depth) / 2 * ldb});
+          terms.push_back({((sl[e] * bo + grp * s.width) * bi + kc * s.depth) * 2,
+                           (ci[e] * bi + kc * s.depth) / 2 * ldb});
       chunk_ptr.push_back(int64_t(terms.size()));
       chunk_row.push_back(r * bo + grp * s.width);
     }
@@ -129,8 +130,8 @@ at::Tensor bf16_linear_forward(const Bf16Kernel& k, const at::Tensor& x, const a
   }
   if (x.size(0) * in < nnzb * bo * bi && x.size(0) > 0)  // x smaller than the live blocks: weights first
     return weights_as_a_forward(k, x, values, row_ptr.data_ptr<int32_t>(), col_idx.data_ptr<int32_t>(),
-                                slot.data_ptr<int32_t>(), row_ptr.numel() - 1, b.defined() ? b.data_ptr<float>() : nullptr,
-                                out_features);
+                                slot.data_ptr<int32_t>(), row_ptr.numel() - 1,
+                                b.defined() ? b.data_ptr<float>() : nullptr, out_features);
   return block_rows_gemm(k, x, out_features, bo, bi, in, pack_blocks_vnni(values, true), values_split(values, true),
                          row_ptr.data_ptr<int32_t>(), col_idx.data_ptr<int32_t>(), slot.data_ptr<int32_t>(), b);
 }
