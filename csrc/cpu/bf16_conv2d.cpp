@@ -755,6 +755,7 @@ at::Tensor bf16_conv2d_grad_input(const Bf16Kernel& k, const at::Tensor& dy, con
   if (unreached) dx.zero_();
   for (int64_t r = 0; r < std::min(stride[0], input_size[2]); ++r)
     for (int64_t c = 0; c < std::min(stride[1], input_size[3]); ++c) {
+      if (!reached(rows, r) || !reached(cols, c)) continue;  // zeroed above
       std::vector<int64_t> chunk_ptr{0}, chunk_col;
       std::vector<ConvTerm> terms;
       int64_t reach_h = 0, reach_w = 0;  // the largest tap offsets (+ P) used, + 1
@@ -773,7 +774,6 @@ at::Tensor bf16_conv2d_grad_input(const Bf16Kernel& k, const at::Tensor& dy, con
           chunk_ptr.push_back(int64_t(terms.size()));
           chunk_col.push_back(cb * bi + grp * s.width);
         }
-      if (!reached(rows, r) || !reached(cols, c)) continue;
       at::Tensor target = dx.slice(2, r, input_size[2], stride[0]).slice(3, c, input_size[3], stride[1]);
       Geom g{n, R * bo, dy.size(2), dy.size(3), cin, target.size(2), target.size(3), reach_h, reach_w, 1, 1,
              rows.pad, cols.pad, 1, 1};
