@@ -16,11 +16,17 @@ namespace {
 
 // H column halves (16 columns each) of rows in groups of 16 / H: 16
 // accumulators, H B registers, 1 broadcast.  D: reduction steps per term.
+// The next tile's lines of a group's rows (b.prefetch_a) are asked for
+// before the group's terms: inside the term loop, the hints' registers
+// slowed convs that never prefetch.
 template <int H, int D>
 void avx512_rows(const Bf16Block& b, float* c) {
   constexpr int kGroupRows = kBf16TileRows / H;
   const int rows = b.row_tiles * kBf16TileRows;
   for (int g = 0; g < rows; g += kGroupRows) {
+    if (b.prefetch_a)
+      for (int64_t t = 0; t < b.nterms; ++t)
+        prefetch_rows(b.prefetch_a + b.terms[t].a_off + g * b.lda, b.lda, kGroupRows, 2 * D);
     __m512 acc[kGroupRows][H];
     for (int i = 0; i < kGroupRows; ++i)
       for (int h = 0; h < H; ++h) acc[i][h] = _mm512_setzero_ps();

@@ -224,6 +224,7 @@ void gemm_on_copy(const Bf16Kernel& k, MakePadded make, int64_t cp, const Geom& 
   Bf16Gemm gemm{g.n * rpi, bytes(p.buf), g.sw * cp * 2, std::numeric_limits<int64_t>::max(), bytes(packed)};
   gemm.rows_per_image = rpi;
   gemm.image_bytes = p.image_pixels * cp * 2;
+  gemm.prefetch_next = g.kh == 1 && g.kw == 1;
   set_terms(gemm, &p, cp, g, s, chunk_ptr, chunk_col, terms, bias, out);
   bf16_gemm(k, gemm, [&](int64_t m) -> uint16_t* {
     const int64_t img = m / rpi, v = m % rpi, y = v / wv, x = v % wv;
@@ -385,6 +386,7 @@ void implicit_gemm(const Bf16Kernel& k, const at::Tensor& src, int64_t cp, const
   const int64_t sn = out.stride(0), sy = out.stride(2), sx = out.stride(3);
   const int64_t pixels = g.n * g.h * g.w, hw = g.h * g.w;
   Bf16Gemm gemm{pixels, bytes(src), cp * 2, pixels, bytes(packed)};
+  gemm.prefetch_next = true;
   set_terms(gemm, nullptr, cp, g, s, chunk_ptr, chunk_col, terms, bias, out);
   bf16_gemm(k, gemm, [&](int64_t m) -> uint16_t* { return base + m / hw * sn + m % hw / g.w * sy + m % g.w * sx; });
 }

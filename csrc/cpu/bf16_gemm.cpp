@@ -119,6 +119,10 @@ void bf16_gemm(const Bf16Kernel& k, const Bf16Gemm& g, Bf16OutRow out_row) {
   // Results larger than the caches go straight to memory (kStreamBytes).
   const bool stream = g.rows * g.out_cols * 2 > kStreamBytes;
   const int64_t per_group = cdiv(chunks, groups);
+  auto a_of = [&](int64_t m0) {  // row m0's A (m0 a multiple of 32)
+    return g.rows_per_image ? g.a + m0 / g.rows_per_image * g.image_bytes + m0 % g.rows_per_image * g.lda
+                            : g.a + m0 * g.lda;
+  };
   share_items(tiles * groups, [&](int64_t begin, int64_t end) {
     std::vector<uint8_t> tail;  // a row tile past a_readable: its rows, zero-padded
     uint16_t* rows_out[kTile];
@@ -129,9 +133,10 @@ void bf16_gemm(const Bf16Kernel& k, const Bf16Gemm& g, Bf16OutRow out_row) {
       const int64_t tile = item / groups, group = item % groups;
       const int64_t m0 = tile * kTile, valid = std::min(kTile, g.rows - m0);
       const int row_tiles = valid > kBf16TileRows ? 2 : 1;
-      const uint8_t* a = g.rows_per_image
-                             ? g.a + m0 / g.rows_per_image * g.image_bytes + m0 % g.rows_per_image * g.lda
-                             : g.a + m0 * g.lda;
+      const uint8_t* a = a_of(m0);
+      // One group: this thread's next item is the next row tile, with the same chunks and terms.
+      const bool next_readable = item + 1 < end && m0 + kTile + kTile <= g.a_readable;
+      const uint8_t* next = g.prefetch_next && groups == 1 && next_readable ? a_of(m0 + kTile) : nullptr;
       if (m0 + row_tiles * kBf16TileRows > g.a_readable) {
         tail.assign(size_t(kTile * g.lda), 0);
         std::memcpy(tail.data(), a, size_t(valid * g.lda));
@@ -148,6 +153,7 @@ void bf16_gemm(const Bf16Kernel& k, const Bf16Gemm& g, Bf16OutRow out_row) {
                         g.chunk_ptr[j + 1] - g.chunk_ptr[j], int(std::min<int64_t>(g.width, g.out_cols - col)),
                         g.bias ? g.bias + col : nullptr, out_rows, g.out_col_stride, stream};
         block.depth = int(g.depth);
+        block.prefetch_a = next;
         k.block(block);
       }
     }

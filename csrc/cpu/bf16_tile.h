@@ -64,7 +64,20 @@ struct Bf16Block {
   // Where set (with out_rows, not out_col_offsets): one float per row added before rounding, in place of
   // `bias` (a result computed features by tokens, stored down its rows: the weights-as-A linear).
   const float* row_bias = nullptr;
+  // Where set: row 0 of the A that this thread's next block reads with the same terms (the next row
+  // tile).  The kernel asks for its lines while this block computes: a sparse GEMM reads only the live
+  // blocks' channels of each A row, a gappy pattern the hardware prefetchers do not follow.
+  const uint8_t* prefetch_a = nullptr;
 };
+
+// Into the caches: the `bytes` read from each of `rows` rows (lda apart) at `a` (a hint, never a fault;
+// static, as bf16_round).
+static inline void prefetch_rows(const uint8_t* a, int64_t lda, int rows, int64_t bytes) {
+  for (int i = 0; i < rows; ++i) {
+    __builtin_prefetch(a + i * lda);
+    __builtin_prefetch(a + i * lda + bytes - 1);
+  }
+}
 
 // One bf16 kernel: `begin(depth)` once per thread and op call before its
 // blocks, all of that depth (AMX: load the tile configuration for it, which
