@@ -71,7 +71,8 @@ struct Bf16Block {
 };
 
 // Into the caches: the `bytes` read from each of `rows` rows (lda apart) at `a` (a hint, never a fault;
-// static, as bf16_round).
+// static, as bf16_round).  Its first and last byte's lines: a term's row is at most kBf16K bf16 (64
+// bytes), so at most two lines.
 static inline void prefetch_rows(const uint8_t* a, int64_t lda, int rows, int64_t bytes) {
   for (int i = 0; i < rows; ++i) {
     __builtin_prefetch(a + i * lda);

@@ -239,9 +239,9 @@ struct Bf16Gemm {
   // image_bytes apart in A (0: one image).
   int64_t rows_per_image = 0, image_bytes = 0;
   // Ask for the next row tile's A lines while a tile computes (Bf16Block::prefetch_a): 1x1 convs, whose
-  // rows are pixels read at the live blocks' channels only (ResNet-50's forwards 1.5-1.6x faster at
-  // 56, 28 and 14 px on the EPYC); a 3x3's taps re-read neighbouring rows already cached, where the
-  // hints measured 2-5% slower.
+  // rows are pixels read at the live blocks' channels only; a 3x3's taps re-read neighbouring rows
+  // already cached, where the hints cost more than they save (docs/cpu-backend.md, "NCHW copies in
+  // registers, 1x1 prefetches").
   bool prefetch_next = false;
   void set_split(const Bf16Split& s) {
     width = s.width;
