@@ -2,13 +2,14 @@
 trains: each bad input exits 2 in one line, nothing trained, nothing left that blocks a new start."""
 
 import json
-import time
+from unittest import mock
 
 import pytest
 import torch
 
 from freetickets_kernels.app import checkpoint
 from freetickets_kernels.app.cli import main
+from freetickets_kernels.app.training import PlanRunner
 
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
@@ -25,9 +26,9 @@ def _exit_code(argv):
 
 
 def _fails_fast(argv, capsys, message):
-    start = time.perf_counter()
-    assert _exit_code(argv) == 2
-    assert time.perf_counter() - start < 5
+    # fast = refused before any run starts training (a check, not a timing: CI machines vary)
+    with mock.patch.object(PlanRunner, "run", side_effect=AssertionError("a run started before the refusal")):
+        assert _exit_code(argv) == 2
     captured = capsys.readouterr()
     err = captured.err.strip().splitlines()
     assert message in err[-1], err
