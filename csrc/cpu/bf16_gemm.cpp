@@ -114,7 +114,8 @@ void bf16_gemm(const Bf16Kernel& k, const Bf16Gemm& g, Bf16OutRow out_row) {
   // Items are (row tile, chunk group); a thread's consecutive items share a
   // row tile, whose A rows then stay in L1/L2 across its chunks while B
   // streams in order.  Panels of row tiles that keep a chunk's B in L1
-  // instead measured slower (docs/cpu-backend.md, "bf16 kernels").
+  // instead measured slower at the first AMX commit, and no faster on AMX
+  // since (docs/cpu-backend.md, "AMX re-measured").
   const int64_t groups = std::min<int64_t>(chunks, cdiv(8 * at::get_num_threads(), tiles));
   // Results larger than the caches go straight to memory (kStreamBytes).
   const bool stream = g.rows * g.out_cols * 2 > kStreamBytes;
