@@ -62,8 +62,11 @@ LINEAR_CASES = [
     (80, 64, (16, 32), 0.5, 40),
     (96, 96, (48, 16), 0.4, 9),
     # x smaller than the live blocks (most cases above with few tokens too): the weights-first forward,
-    # two token tiles, the second of 8 tokens
+    # two token tiles, the second of 8 tokens; an odd number of features (the last pair half padding)
+    # and tokens that fill no whole 4 x 4 transpose of x's pairs
     (128, 64, (32, 32), 0.8, 40),
+    (96, 45, (32, 32), 0.8, 3),
+    (64, 77, (32, 32), 0.9, 21),
 ]
 
 

@@ -26,9 +26,6 @@
 #include <algorithm>
 #include <cstring>
 #include <type_traits>
-#if defined(__SSE2__)
-#include <emmintrin.h>
-#endif
 
 #include "internal.h"
 
@@ -71,60 +68,6 @@ Padded layout(int64_t h, int64_t w, int64_t pad_h, int64_t pad_w, int64_t sh, in
   p.cp = cp;
   p.image_pixels = sh * p.hq * p.wq;
   return p;
-}
-
-// dst[a * da + b] = src[a * sa + b * sb] for a < na, b < nb (both <= 32).
-// Unit sa (NCHW planes, channels-last grad_out), both sides >= 8: 8 x 8
-// blocks transposed in SSE2 registers, straight from src to dst (through a
-// tile, element by element, the copy had taken half of a strided NCHW
-// conv's forward on the EPYC: GCC made the unit-stride loads a memcpy call
-// per 32 elements).  Other strides: through a tile in L1 (copied straight
-// across, each read from a line of its own, measured 15% slower).  aten's
-// copies of transposing views run element by element through strided
-// iterators: an NCHW input made channels-last took 5.7 ms for 10 MB of bf16.
-constexpr int64_t kCopyTile = 32;
-
-#if defined(__SSE2__)
-// dst[a * da + b] = src[a + b * sb] for a, b < 8.
-void transpose8x8(const uint16_t* src, int64_t sb, uint16_t* dst, int64_t da) {
-  __m128i r[8], t[8];
-  for (int b = 0; b < 8; ++b) r[b] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + b * sb));
-  for (int i = 0; i < 4; ++i) {  // pairs of rows interleaved: 16-bit, then 32-bit, then 64-bit units
-    t[2 * i] = _mm_unpacklo_epi16(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm_unpackhi_epi16(r[2 * i], r[2 * i + 1]);
-  }
-  for (int i = 0; i < 2; ++i)
-    for (int h = 0; h < 2; ++h) {
-      r[4 * i + 2 * h] = _mm_unpacklo_epi32(t[4 * i + h], t[4 * i + h + 2]);
-      r[4 * i + 2 * h + 1] = _mm_unpackhi_epi32(t[4 * i + h], t[4 * i + h + 2]);
-    }
-  for (int a = 0; a < 4; ++a) {  // r[a] holds columns 2a, 2a + 1 of rows 0-3, r[a + 4] of rows 4-7
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 2 * a * da), _mm_unpacklo_epi64(r[a], r[a + 4]));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + (2 * a + 1) * da), _mm_unpackhi_epi64(r[a], r[a + 4]));
-  }
-}
-#endif
-
-void copy_tile(const uint16_t* src, int64_t sa, int64_t sb, uint16_t* dst, int64_t da, int64_t na, int64_t nb) {
-  if (sb == 1) {
-    for (int64_t a = 0; a < na; ++a) std::memcpy(dst + a * da, src + a * sa, nb * 2);
-    return;
-  }
-#if defined(__SSE2__)
-  if (sa == 1 && na >= 8 && nb >= 8) {  // the last block of each side overlaps the one before it
-    for (int64_t b0 = 0; b0 < nb; b0 += 8)
-      for (int64_t a0 = 0; a0 < na; a0 += 8) {
-        const int64_t a = std::min(a0, na - 8), b = std::min(b0, nb - 8);
-        transpose8x8(src + a + b * sb, sb, dst + a * da + b, da);
-      }
-    return;
-  }
-#endif
-  uint16_t tile[kCopyTile][kCopyTile];  // [b][a]
-  for (int64_t b = 0; b < nb; ++b)
-    for (int64_t a = 0; a < na; ++a) tile[b][a] = src[a * sa + b * sb];
-  for (int64_t a = 0; a < na; ++a)
-    for (int64_t b = 0; b < nb; ++b) dst[a * da + b] = tile[b][a];
 }
 
 // The run of `count` pixels (cp channels each, channels [c, cp) zero) that
@@ -557,14 +500,12 @@ PixelPairs pixel_pairs(const at::Tensor& src, const PhasePlanes& pl, int64_t pad
   // Channels apart (NCHW), 32 pairs at a time.  Where they are 64
   // neighbouring source pixels (a plane without padding or stride: a 1x1
   // conv's), each channel's 32 pairs are one run of 32 words, and the pairs
-  // go out through a 32 x 32 tile of words in L1; pair by pair, each pair
+  // are a transpose of words (transpose_words); pair by pair, each pair
   // takes two strided reads per channel (for ResNet's NCHW 1x1 convs these
   // pairs took longer than grad-values' multiplies).  Other tiles: pair by pair.
   constexpr int64_t kPairs = 32;
-  static_assert(kCopyTile == kBf16K, "a tile: one chunk's channels");
   at::parallel_for(0, cdiv(pairs, kPairs), 1, [&](int64_t begin, int64_t end) {
     const uint16_t* px[2 * kPairs];
-    uint32_t tile[kCopyTile][kPairs];  // [channel][pair]
     for (int64_t tl = begin; tl < end; ++tl) {
       const int64_t pr0 = tl * kPairs, np = std::min(kPairs, pairs - pr0);
       bool run = s3 == 1;
@@ -579,12 +520,10 @@ PixelPairs pixel_pairs(const at::Tensor& src, const PhasePlanes& pl, int64_t pad
       }
       for (int64_t d = 0; d < rc.size(); ++d) {
         const int64_t cn = live(d);
-        for (int64_t ch = 0; ch < cn; ++ch) std::memcpy(tile[ch], px[0] + (rc.first[size_t(d)] + ch) * s1, np * 4);
-        for (int64_t ch = cn; ch < kCopyTile; ++ch) std::memset(tile[ch], 0, np * 4);
-        for (int64_t u = 0; u < np; ++u) {
-          uint32_t* o = reinterpret_cast<uint32_t*>(out) + u * cp + d * kBf16K;
-          for (int64_t ch = 0; ch < kCopyTile; ++ch) o[ch] = tile[ch][u];
-        }
+        uint32_t* o = reinterpret_cast<uint32_t*>(out) + d * kBf16K;  // pair u's channel ch: o[u * cp + ch]
+        transpose_words(px[0] + rc.first[size_t(d)] * s1, s1, o, cp, cn, np);
+        if (cn < kBf16K)
+          for (int64_t u = 0; u < np; ++u) std::memset(o + u * cp + cn, 0, (kBf16K - cn) * 4);
       }
     }
   });

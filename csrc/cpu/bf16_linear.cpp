@@ -3,6 +3,8 @@
 // forward of few tokens: weights first, weights_as_a_forward), and
 // dv = dy^T x per live block over the tokens (as a 1x1 conv's).  float32
 // accumulation, one rounding to bf16 per result.
+#include <cstring>
+
 #include "internal.h"
 
 namespace ftk_cpu {
@@ -51,19 +53,27 @@ at::Tensor block_rows_gemm(const Bf16Kernel& k, const at::Tensor& a_, int64_t ou
 }
 
 // x^T in VNNI pairs for the weights-first forward: [pair rows][tpad tokens][2], pair row p of token t holding
-// features 2p and 2p + 1 of x (zero past the features and for tokens >= x's).
+// features 2p and 2p + 1 of x (zero past the features and for tokens >= x's).  A pair is one 32-bit word of
+// x's row, so this is a transpose of words (transpose_words); pair by pair, each token's word was a read
+// from a line of its own, and the copy took a fifth of a 256 x 4096 -> 4096 forward.
 at::Tensor token_pairs(const at::Tensor& x_, int64_t pair_rows, int64_t tpad) {
   const at::Tensor x = x_.contiguous();
-  const int64_t tokens = x.size(0), in = x.size(1);
-  at::Tensor t = at::zeros({pair_rows, tpad, 2}, x.options());
+  const int64_t tokens = x.size(0), in = x.size(1), whole = in / 2;  // pairs holding two features
+  at::Tensor t = at::empty({pair_rows, tpad, 2}, x.options());
   const uint16_t* src = static_cast<const uint16_t*>(x.data_ptr());
-  uint16_t* dst = static_cast<uint16_t*>(t.data_ptr());
-  at::parallel_for(0, pair_rows, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < std::min(end, cdiv(in, 2)); ++p)
-      for (int64_t tok = 0; tok < tokens; ++tok) {
-        dst[(p * tpad + tok) * 2] = src[tok * in + 2 * p];
-        if (2 * p + 1 < in) dst[(p * tpad + tok) * 2 + 1] = src[tok * in + 2 * p + 1];
+  uint32_t* dst = static_cast<uint32_t*>(t.data_ptr());
+  constexpr int64_t kPairsPerItem = 64;
+  at::parallel_for(0, cdiv(pair_rows, kPairsPerItem), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t p0 = item * kPairsPerItem, p1 = std::min(pair_rows, p0 + kPairsPerItem);
+      const int64_t w1 = std::clamp(whole, p0, p1);  // [p0, w1): whole pairs
+      transpose_words(src + 2 * p0, in, dst + p0 * tpad, tpad, tokens, w1 - p0);
+      for (int64_t p = w1; p < p1; ++p) {  // the odd last feature, then padding
+        uint32_t* row = dst + p * tpad;
+        for (int64_t tok = 0; tok < tokens; ++tok) row[tok] = 2 * p < in ? src[tok * in + 2 * p] : 0;
       }
+      for (int64_t p = p0; p < p1; ++p) std::memset(dst + p * tpad + tokens, 0, (tpad - tokens) * 4);
+    }
   });
   return t;
 }

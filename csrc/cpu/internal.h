@@ -13,6 +13,7 @@
 //   tile.h, tile_impl.inc, isa_*.cpp: the one inner kernel, built per instruction set
 //   bf16_gemm.cpp    the bf16 driver: packed blocks, (row tile, column chunk) items
 //   bf16_linear.cpp, bf16_conv2d.cpp: the bf16 ops over it
+//   bf16_copies.cpp  their operands' transposing copies
 //   bf16_tile.h, bf16_{amx,avx512,emulated}.cpp, bf16_support.cpp: the bf16 inner kernel
 // Measured reasons for the paths below: docs/cpu-backend.md.
 #pragma once
@@ -257,6 +258,14 @@ void bf16_gemm(const Bf16Kernel& k, const Bf16Gemm& g, Bf16OutRow out_row);
 // share; then the kernel runs it.
 using Bf16Fill = c10::function_ref<void(int64_t i, Bf16Block& block, uint16_t** out_rows)>;
 void bf16_blocks(const Bf16Kernel& k, int depth, int64_t n, Bf16Fill fill);
+
+// The transposing copies of bf16 operands (bf16_copies.cpp); kCopyTile bounds copy_tile's sides.
+constexpr int64_t kCopyTile = 32;
+// dst[a * da + b] = src[a * sa + b * sb] (16-bit elements) for a < na, b < nb.
+void copy_tile(const uint16_t* src, int64_t sa, int64_t sb, uint16_t* dst, int64_t da, int64_t na, int64_t nb);
+// dst[c * ldd + r] = the 32-bit word (a VNNI pair of bf16) at src + r * lds + 2 c, for r < rows, c < cols:
+// lds in 16-bit elements, ldd in words.
+void transpose_words(const uint16_t* src, int64_t lds, uint32_t* dst, int64_t ldd, int64_t rows, int64_t cols);
 
 // Grad-values: dv [nnzb, Bo, Bi] (bf16), block e = A (a_of(r, e): the Bo
 // rows of grad_out^T of its block row r, lda bytes apart) times B (b_of(e):
