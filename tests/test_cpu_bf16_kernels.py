@@ -212,7 +212,8 @@ def test_conv2d_strided_views(kernel, view):
 @pytest.mark.parametrize("kernel", _kernels())
 def test_pointwise_conv_read_in_place_and_streamed_results(kernel):
     # a channels-last 1x1 conv whose channels fill its blocks is read in place; a result of more than
-    # 4 MB is written with streaming stores; most output blocks have no live block (bias only)
+    # 4 MB is written with streaming stores where the kernel streams (AVX512-BF16; AMX stores plainly);
+    # most output blocks have no live block (bias only)
     from freetickets_kernels.backends import cpu
 
     cpu.set_isa(kernel)

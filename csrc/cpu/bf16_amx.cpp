@@ -78,7 +78,7 @@ void amx_begin(int depth) {
   _tile_loadconfig(depth == kBf16K ? &deep : &shallow);
 }
 void amx_end() {
-  _mm_sfence();  // the streamed stores of store_rows, before the op's threads join
+  _mm_sfence();  // streamed stores of store_rows, before the op's threads join (none while `streams` is false)
   _tile_release();
 }
 

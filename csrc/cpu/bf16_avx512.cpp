@@ -65,7 +65,7 @@ void fence() { _mm_sfence(); }  // the streamed stores of store_rows, before the
 }  // namespace
 
 const Bf16Kernel& bf16_avx512() {
-  static const Bf16Kernel k{"avx512_bf16", nothing, avx512_block, fence};
+  static const Bf16Kernel k{"avx512_bf16", nothing, avx512_block, fence, /*streams=*/true};
   return k;
 }
 }  // namespace ftk_cpu

@@ -276,7 +276,7 @@ void channel_major_gemm(const Bf16Kernel& k, const at::Tensor& src, int64_t cp, 
     col_off[size_t(v)] = y < g.oh && x < g.ow ? y * sy + x * sx : -1;
   }
   uint16_t* base = static_cast<uint16_t*>(out.data_ptr());
-  const bool stream = out.numel() * 2 > kStreamBytes;
+  const bool stream = streams_result(k, out.numel() * 2);
   bf16_blocks(k, int(s.depth), g.n * tiles * chunks, [&](int64_t item, Bf16Block& b, uint16_t** out_rows) {
     const int64_t img = item / (tiles * chunks), tile = item / chunks % tiles, j = item % chunks;
     b.row_tiles = int(s.width / kBf16TileRows);

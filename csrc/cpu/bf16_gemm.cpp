@@ -117,8 +117,8 @@ void bf16_gemm(const Bf16Kernel& k, const Bf16Gemm& g, Bf16OutRow out_row) {
   // instead measured slower at the first AMX commit, and no faster on AMX
   // since (docs/cpu-backend.md, "AMX re-measured").
   const int64_t groups = std::min<int64_t>(chunks, cdiv(8 * at::get_num_threads(), tiles));
-  // Results larger than the caches go straight to memory (kStreamBytes).
-  const bool stream = g.rows * g.out_cols * 2 > kStreamBytes;
+  // Results larger than the caches go straight to memory, where the kernel streams (kStreamBytes).
+  const bool stream = streams_result(k, g.rows * g.out_cols * 2);
   const int64_t per_group = cdiv(chunks, groups);
   auto a_of = [&](int64_t m0) {  // row m0's A (m0 a multiple of 32)
     return g.rows_per_image ? g.a + m0 / g.rows_per_image * g.image_bytes + m0 % g.rows_per_image * g.lda

@@ -88,6 +88,10 @@ struct Bf16Kernel {
   void (*begin)(int depth);
   void (*block)(const Bf16Block& b);
   void (*end)();
+  // Whether results past kStreamBytes go out with streaming stores (streams_result in internal.h), as
+  // measured on the CPU family each kernel is chosen on (docs/cpu-backend.md, "Streamed stores"):
+  // AVX512-BF16 (Zen 4) yes, AMX (Xeon) no.
+  bool streams = false;
 };
 
 const Bf16Kernel& bf16_amx();

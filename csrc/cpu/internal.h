@@ -212,10 +212,14 @@ constexpr int64_t kPackedLdb = 16 * 2 * 2;  // bytes between pair rows of a pack
 // of pack_blocks_vnni's B) of s.depth reduction steps, row-major.
 at::Tensor pack_blocks_rows(const at::Tensor& values, bool reduce_inner);
 
-// Results larger than this go straight to memory with streaming stores: a
-// plain store reads each line first (a few MB: past one core's L2 on the
-// machines measured).
+// Results larger than this go straight to memory with streaming stores where
+// the kernel streams (Bf16Kernel::streams): a plain store reads each line
+// first (a few MB: past one core's L2 on the machines measured).  On the AMX
+// Xeon streaming cost more than it saved: a result buffer fresh from the
+// allocator was often just written by the op before, so its lines were in
+// cache and each streamed store first evicted one.
 constexpr int64_t kStreamBytes = int64_t(4) << 20;
+inline bool streams_result(const Bf16Kernel& k, int64_t bytes) { return k.streams && bytes > kStreamBytes; }
 
 // C [rows, out_cols] (bf16, rows through out_row) = A [rows, ...] B: output
 // column chunk j (`width` columns from chunk_col[j]) sums its terms
