@@ -67,6 +67,10 @@ LINEAR_CASES = [
     (128, 64, (32, 32), 0.8, 40),
     (96, 45, (32, 32), 0.8, 3),
     (64, 77, (32, 32), 0.9, 21),
+    # long reductions (600 tokens: 19 terms) over many blocks (about 150), and blocks of 64 (two channel
+    # chunks of grad-values' B per block, 2 x 2 groups of rows and columns)
+    (512, 512, (32, 32), 0.6, 600),
+    (128, 192, (64, 64), 0.7, 700),
 ]
 
 
@@ -116,6 +120,10 @@ CONV_CASES = [
     # (cout, cin, kernel, block, density, batch, hw, stride, padding, dilation)
     (64, 64, (3, 3), (32, 32), 0.5, 2, (7, 6), (1, 1), (1, 1), (1, 1)),
     (64, 32, (3, 3), (32, 32), 0.6, 1, (9, 8), (2, 2), (1, 1), (1, 1)),
+    # long reductions (2 x 22 x 22 padded pixels: 31 terms), stride 1 and 2, 16-wide input blocks (B's
+    # columns at a chunk's second half)
+    (64, 64, (3, 3), (32, 32), 0.6, 2, (20, 20), (1, 1), (1, 1), (1, 1)),
+    (64, 32, (3, 3), (32, 16), 0.6, 2, (30, 29), (2, 2), (1, 1), (1, 1)),
     (40, 50, (3, 2), (32, 32), 0.6, 2, (8, 9), (2, 1), (0, 2), (2, 1)),
     (64, 96, (1, 1), (32, 32), 1.0, 2, (5, 5), (1, 1), (0, 0), (1, 1)),
     (96, 64, (1, 1), (32, 64), 0.7, 3, (6, 6), (2, 2), (0, 0), (1, 1)),

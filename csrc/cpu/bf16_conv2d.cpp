@@ -446,20 +446,26 @@ PhasePlanes phase_planes_layout(int64_t h, int64_t w, int64_t pad_h, int64_t pad
 }
 
 // Grad-values' B: pixels q of the planes `pl` of src [N, C, H, W] (bf16, any
-// strides) in VNNI pairs, pair t = pixels (2t, 2t + 1) as [pair][channel][2],
-// for the pairs that hold pixels [lo, hi) only (`first` = the first pair's
-// t), and for the channel chunks `rc` only (zero past C).
+// strides) in VNNI pairs, pair t = pixels (2t, 2t + 1), for the pairs that
+// hold pixels [lo, hi) only (`first` = the first pair's t), and for the
+// channel chunks `rc` only (zero past C), chunk by chunk: [chunk][pair][32
+// channels][2].  A term's 16 pair rows of a chunk are then 2 KB in a row;
+// pair-major, each was a page of its own once the read channels filled 4 KB
+// (1024 of them), and a term's TLB misses cost 4x its products
+// (docs/cpu-backend.md, "Grad-values' B chunk by chunk").
 // Written by one loop straight from src: no padded copy in between.
 struct PixelPairs {
-  at::Tensor t;  // [pairs, rc.size() * kBf16K, 2]
-  int64_t first = 0;
+  at::Tensor t;  // [rc.size(), pairs, kBf16K, 2]
+  int64_t first = 0, pairs = 0;
+  static constexpr int64_t kPairBytes = kBf16K * 4;  // a chunk's pair row
+  int64_t chunk_bytes() const { return pairs * kPairBytes; }
 };
 
 PixelPairs pixel_pairs(const at::Tensor& src, const PhasePlanes& pl, int64_t pad_h, int64_t pad_w,
                        const ReadChunks& rc, int64_t lo, int64_t hi) {
-  const int64_t c = src.size(1), h = src.size(2), w = src.size(3), cp = rc.size() * kBf16K;
-  const int64_t first = lo / 2, pairs = cdiv(hi, 2) - first;
-  at::Tensor t = at::empty({pairs, cp, 2}, src.options());
+  const int64_t c = src.size(1), h = src.size(2), w = src.size(3);
+  const int64_t first = lo / 2, pairs = cdiv(hi, 2) - first, chunk = pairs * 2 * kBf16K;  // elements a chunk
+  at::Tensor t = at::empty({rc.size(), pairs, kBf16K, 2}, src.options());
   uint16_t* dst = static_cast<uint16_t*>(t.data_ptr());
   const uint16_t* base = static_cast<const uint16_t*>(src.data_ptr());
   const int64_t s0 = src.stride(0), s1 = src.stride(1), s2 = src.stride(2), s3 = src.stride(3);
@@ -474,7 +480,7 @@ PixelPairs pixel_pairs(const at::Tensor& src, const PhasePlanes& pl, int64_t pad
   auto live = [&](int64_t d) { return std::clamp<int64_t>(c - rc.first[size_t(d)], 0, kBf16K); };  // below C
   auto zip = [&](auto unit_stride, uint16_t* out, const uint16_t* a, const uint16_t* b) {
     const int64_t step = decltype(unit_stride)::value ? 1 : s1;  // unit: vectorizable interleave
-    for (int64_t d = 0; d < rc.size(); ++d, out += 2 * kBf16K) {
+    for (int64_t d = 0; d < rc.size(); ++d, out += chunk) {
       const int64_t c0 = rc.first[size_t(d)], n = live(d);
       if (a && b) {
         for (int64_t ch = 0; ch < n; ++ch) out[2 * ch] = a[(c0 + ch) * step], out[2 * ch + 1] = b[(c0 + ch) * step];
@@ -492,10 +498,10 @@ PixelPairs pixel_pairs(const at::Tensor& src, const PhasePlanes& pl, int64_t pad
     at::parallel_for(0, pairs, 64, [&](int64_t begin, int64_t end) {
       for (int64_t pr = begin; pr < end; ++pr) {
         const int64_t q = 2 * (first + pr);
-        zip(std::true_type{}, dst + pr * cp * 2, pixel(q), pixel(q + 1));
+        zip(std::true_type{}, dst + pr * 2 * kBf16K, pixel(q), pixel(q + 1));
       }
     });
-    return {t, first};
+    return {t, first, pairs};
   }
   // Channels apart (NCHW), 32 pairs at a time.  Where they are 64
   // neighbouring source pixels (a plane without padding or stride: a 1x1
@@ -513,21 +519,21 @@ PixelPairs pixel_pairs(const at::Tensor& src, const PhasePlanes& pl, int64_t pad
         px[u] = pixel(2 * (first + pr0) + u);
         run = run && px[u] && px[u] == px[0] + u;
       }
-      uint16_t* out = dst + pr0 * cp * 2;
+      uint16_t* out = dst + pr0 * 2 * kBf16K;
       if (!run) {
-        for (int64_t u = 0; u < np; ++u) zip(std::false_type{}, out + u * cp * 2, px[2 * u], px[2 * u + 1]);
+        for (int64_t u = 0; u < np; ++u) zip(std::false_type{}, out + u * 2 * kBf16K, px[2 * u], px[2 * u + 1]);
         continue;
       }
       for (int64_t d = 0; d < rc.size(); ++d) {
         const int64_t cn = live(d);
-        uint32_t* o = reinterpret_cast<uint32_t*>(out) + d * kBf16K;  // pair u's channel ch: o[u * cp + ch]
-        transpose_words(px[0] + rc.first[size_t(d)] * s1, s1, o, cp, cn, np);
+        uint32_t* o = reinterpret_cast<uint32_t*>(out + d * chunk);  // pair u's channel ch: o[u * kBf16K + ch]
+        transpose_words(px[0] + rc.first[size_t(d)] * s1, s1, o, kBf16K, cn, np);
         if (cn < kBf16K)
-          for (int64_t u = 0; u < np; ++u) std::memset(o + u * cp + cn, 0, (kBf16K - cn) * 4);
+          for (int64_t u = 0; u < np; ++u) std::memset(o + u * kBf16K + cn, 0, (kBf16K - cn) * 4);
       }
     }
   });
-  return {t, first};
+  return {t, first, pairs};
 }
 
 // Grad-values' A: grad_out^T on the reduction grid for the channel chunks
@@ -808,16 +814,16 @@ at::Tensor bf16_conv2d_grad_values(const Bf16Kernel& k, const at::Tensor& dy, co
     if (row_ptr.data_ptr<int32_t>()[r + 1] > row_ptr.data_ptr<int32_t>()[r]) rows.add(r * bo, bo);
   const at::Tensor dyt = grad_out_grid(dy, rows.done(), kpad, planes.hq, planes.wq);
   const int32_t* ci = col_idx.data_ptr<int32_t>();
-  const int64_t lda = (kGridLead + kpad) * 2, ldb = rc.size() * kBf16K * 4;
+  const int64_t lda = (kGridLead + kpad) * 2, ldb = PixelPairs::kPairBytes;
   return bf16_grad_values(k, lda, ldb, kpad / kBf16K, row_ptr, slot, bo, bi, x.options(),
                           [&](int64_t r, int64_t e) {
                             return bytes(dyt) + (rows.place(r * bo) * kBf16K + r * bo % kBf16K) * lda +
                                    (kGridLead - tap_offset(e) % 2) * 2;
                           },
-                          [&](int64_t e) {
-                            const int64_t cb = ci[e] % bpt;
-                            return bytes(pairs.t) + (tap_offset(e) / 2 - pairs.first) * ldb +
-                                   (rc.place(cb * bi) * kBf16K + cb * bi % kBf16K) * 4;
+                          [&](int64_t e, int64_t col) {
+                            const int64_t ch = ci[e] % bpt * bi + col;
+                            return bytes(pairs.t) + rc.place(ch) * pairs.chunk_bytes() +
+                                   (tap_offset(e) / 2 - pairs.first) * ldb + ch % kBf16K * 4;
                           });
 }
 

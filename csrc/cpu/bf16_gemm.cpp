@@ -97,7 +97,7 @@ at::Tensor bf16_grad_values(const Bf16Kernel& k, int64_t lda, int64_t ldb, int64
     b.row_tiles = int(rows / kBf16TileRows);
     b.a = a_of(block_row[size_t(e)], e) + o * rows * lda;
     b.lda = lda;
-    b.b = b_of(e) + i * cols * 4;
+    b.b = b_of(e, i * cols);
     b.ldb = ldb;
     b.b_half = 16 * 4;
     b.terms = terms.data();

@@ -272,12 +272,13 @@ void copy_tile(const uint16_t* src, int64_t sa, int64_t sb, uint16_t* dst, int64
 void transpose_words(const uint16_t* src, int64_t lds, uint32_t* dst, int64_t ldd, int64_t rows, int64_t cols);
 
 // Grad-values: dv [nnzb, Bo, Bi] (bf16), block e = A (a_of(r, e): the Bo
-// rows of grad_out^T of its block row r, lda bytes apart) times B (b_of(e):
-// its Bi columns, in VNNI pairs of reduction steps ldb bytes apart), over
+// rows of grad_out^T of its block row r, lda bytes apart) times B (b_of(e,
+// col): its columns from col, 16 or 32 of them side by side, in VNNI pairs
+// of reduction steps ldb bytes apart), over
 // `steps` chunks of 32 reduction steps.  The threads share out the blocks,
 // in groups of 32 (16 for sides of 16-multiples) rows by as many columns.
 using Bf16RowsA = c10::function_ref<const uint8_t*(int64_t r, int64_t e)>;
-using Bf16BlockB = c10::function_ref<const uint8_t*(int64_t e)>;
+using Bf16BlockB = c10::function_ref<const uint8_t*(int64_t e, int64_t col)>;
 at::Tensor bf16_grad_values(const Bf16Kernel& k, int64_t lda, int64_t ldb, int64_t steps, const at::Tensor& row_ptr,
                             const at::Tensor& slot, int64_t bo, int64_t bi, const at::TensorOptions& options,
                             Bf16RowsA a_of, Bf16BlockB b_of);
