@@ -77,8 +77,7 @@ void amx_begin(int depth) {
   static const TileConfig deep(kBf16K), shallow(kBf16K / 2);
   _tile_loadconfig(depth == kBf16K ? &deep : &shallow);
 }
-void amx_end() {
-  _mm_sfence();  // streamed stores of store_rows, before the op's threads join (none while `streams` is false)
+void amx_end() {  // no fence: this kernel never streams (Bf16Kernel::streams)
   _tile_release();
 }
 

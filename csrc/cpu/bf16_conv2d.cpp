@@ -464,7 +464,8 @@ struct PixelPairs {
 PixelPairs pixel_pairs(const at::Tensor& src, const PhasePlanes& pl, int64_t pad_h, int64_t pad_w,
                        const ReadChunks& rc, int64_t lo, int64_t hi) {
   const int64_t c = src.size(1), h = src.size(2), w = src.size(3);
-  const int64_t first = lo / 2, pairs = cdiv(hi, 2) - first, chunk = pairs * 2 * kBf16K;  // elements a chunk
+  const int64_t first = lo / 2, pairs = cdiv(hi, 2) - first;
+  const int64_t chunk = pairs * PixelPairs::kPairBytes / 2;  // elements from a chunk to the next
   at::Tensor t = at::empty({rc.size(), pairs, kBf16K, 2}, src.options());
   uint16_t* dst = static_cast<uint16_t*>(t.data_ptr());
   const uint16_t* base = static_cast<const uint16_t*>(src.data_ptr());

@@ -90,7 +90,7 @@ struct Bf16Kernel {
   void (*end)();
   // Whether results past kStreamBytes go out with streaming stores (streams_result in internal.h), as
   // measured on the CPU family each kernel is chosen on (docs/cpu-backend.md, "Streamed stores"):
-  // AVX512-BF16 (Zen 4) yes, AMX (Xeon) no.
+  // AVX512-BF16 (Zen 4) yes, AMX (Xeon) no.  A kernel that streams fences its stores in `end`.
   bool streams = false;
 };
 
